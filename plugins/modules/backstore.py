@@ -1,0 +1,239 @@
+#!/usr/bin/python
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: backstore
+short_description: Create, grow and remove backing stores for live systems
+version_added: 0.1.0
+description:
+  - Manages a backing store, the loopback filesystem image in which a live
+    system keeps its changes across reboots, in the formats live systems look
+    for (SystemRescueCd C(sysrcd.bs), Debian live-boot C(persistence), casper
+    C(casper-rw), archiso cow filesystems).
+  - Creation is atomic. The image is built under a temporary name in the same
+    directory, formatted and filled with the layout's files, then renamed, so
+    an interrupted run never leaves a half-made store under the final name.
+  - Growing never loses data. An image that is not in use is checked and grown
+    offline; an image attached to a loop device and mounted is grown online,
+    with no reboot.
+  - Stores are never shrunk, never overwritten and never removed while in use.
+author:
+  - liveclone.core maintainers (@liveclone)
+extends_documentation_fragment:
+  - liveclone.core._attributes
+  - liveclone.core._attributes.ALL_SUPPORTED
+requirements:
+  - util-linux (C(losetup), C(findmnt), C(blkid), C(mount))
+  - e2fsprogs for ext2/ext3/ext4, xfsprogs for xfs, btrfs-progs for btrfs
+notes:
+  - Runs as root on the target.
+  - Growing ext3 or ext4 while mounted needs the E(CAP_SYS_RESOURCE) capability;
+    ext2 cannot be grown while mounted.
+  - The free space check asks for the full O(size) even with O(allocation=sparse),
+    because the live system will fill a sparse store up to that size.
+  - O(persistence_conf) and the archiso cow tree are written when the store is
+    created; an existing store's files are left as they are.
+options:
+  path:
+    description:
+      - Absolute path of the image file, or of an existing directory, in which
+        case the file name comes from O(layout).
+    type: path
+    required: true
+  state:
+    description:
+      - V(present) creates the store, or grows it to O(size).
+      - V(absent) removes it; an attached or mounted store is refused.
+    type: str
+    choices: [present, absent]
+    default: present
+  size:
+    description:
+      - Size of the store. A bare number is MiB, as in
+        C(sysresccd-backstore create DIR 256); a string may carry a unit
+        (V(512M), V(2G), V(1.5GiB); all units are binary). Rounded up to whole MiB.
+      - Required to create a store. A larger size than the current one grows it;
+        a smaller one is refused.
+    type: raw
+  layout:
+    description:
+      - V(sysrescue) is C(sysrcd.bs), ext3, found by name by SystemRescueCd 5.x.
+      - V(live-boot) is C(persistence), label C(persistence), with a
+        C(persistence.conf) holding O(persistence_conf).
+      - V(casper) is C(casper-rw), label C(casper-rw), for Ubuntu's casper.
+      - V(archiso) is C(persistent_<label>.img), label O(label), with the cow
+        tree C(persistent_<label>/x86_64/{upperdir,workdir}) for C(cow_label=).
+      - V(plain) is C(backstore.img) with no special files.
+    type: str
+    choices: [sysrescue, live-boot, casper, archiso, plain]
+    default: plain
+  fstype:
+    description:
+      - Filesystem of the store. Defaults to ext3 for V(sysrescue) and ext4 for
+        the other layouts. An existing store of another type is refused.
+      - Smallest sizes are 8 MiB for ext, 256 MiB for btrfs and 300 MiB for xfs.
+    type: str
+    choices: [ext2, ext3, ext4, xfs, btrfs]
+  label:
+    description:
+      - Filesystem label. Defaults to C(persistence) for V(live-boot) and
+        C(casper-rw) for V(casper); required for V(archiso). A different label
+        on an existing store is changed in place.
+    type: str
+  allocation:
+    description:
+      - V(sparse) leaves unwritten blocks as holes.
+      - V(full) writes every block, as FAT/exFAT sticks and device-mapper setups need.
+    type: str
+    choices: [sparse, full]
+    default: sparse
+  persistence_conf:
+    description:
+      - Lines of C(persistence.conf) for the V(live-boot) layout.
+    type: list
+    elements: str
+    default: ['/ union']
+seealso:
+  - name: live-boot persistence
+    description: Debian live-boot's persistence documentation.
+    link: https://manpages.debian.org/bookworm/live-boot-doc/persistence.conf.5.en.html
+"""
+
+EXAMPLES = r"""
+- name: Create a SystemRescueCd backing store, as "sysresccd-backstore create /mnt/backstore 256"
+  liveclone.core.backstore:
+    path: /mnt/backstore
+    layout: sysrescue
+    size: 256
+
+- name: Grow it to 512 MiB with no data loss, as "sysresccd-backstore grow /mnt/backstore 512"
+  liveclone.core.backstore:
+    path: /mnt/backstore
+    layout: sysrescue
+    size: 512
+
+- name: A fully allocated live-boot store on a FAT stick, keeping /home only
+  liveclone.core.backstore:
+    path: /media/stick
+    layout: live-boot
+    size: 2G
+    allocation: full
+    persistence_conf:
+      - /home union
+
+- name: An archiso cow filesystem for cow_label=MYCOW
+  liveclone.core.backstore:
+    path: /srv/images
+    layout: archiso
+    label: MYCOW
+    fstype: ext4
+    size: 1GiB
+
+- name: Remove a store that is no longer used
+  liveclone.core.backstore:
+    path: /mnt/backstore/sysrcd.bs
+    state: absent
+"""
+
+RETURN = r"""
+path:
+  description: Absolute path of the image file.
+  returned: always
+  type: str
+  sample: /mnt/backstore/sysrcd.bs
+layout:
+  description: The layout asked for.
+  returned: always
+  type: str
+  sample: sysrescue
+exists:
+  description: Whether the image exists after the run (before it, in check mode).
+  returned: always
+  type: bool
+size:
+  description: Size of the image file in bytes.
+  returned: always
+  type: int
+  sample: 268435456
+fs_size:
+  description: Size of the filesystem inside the image, in bytes.
+  returned: always
+  type: int
+  sample: 268435456
+fstype:
+  description: Filesystem type found in the image.
+  returned: always
+  type: str
+  sample: ext3
+label:
+  description: Filesystem label.
+  returned: always
+  type: str
+  sample: persistence
+uuid:
+  description: Filesystem UUID.
+  returned: always
+  type: str
+  sample: 4a24fb46-835c-452d-a211-f58559e2033b
+loop_device:
+  description: Loop device the image is attached to, if any.
+  returned: always
+  type: str
+  sample: /dev/loop0
+mount_point:
+  description: Where that loop device is mounted, if it is.
+  returned: always
+  type: str
+  sample: /run/live/persistence/sdb1
+operations:
+  description: The operations done, or planned in check mode.
+  returned: always
+  type: list
+  elements: str
+  sample:
+    - "extend /mnt/backstore/sysrcd.bs from 256 MiB to 512 MiB (sparse)"
+    - "grow the ext3 filesystem from 256 MiB to 512 MiB offline"
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.liveclone.core.plugins.module_utils._backstore import (
+    LAYOUTS,
+    BackstoreError,
+    run,
+)
+from ansible_collections.liveclone.core.plugins.module_utils._command import (
+    CommandError,
+    CommandRunner,
+)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+            size=dict(type="raw"),
+            layout=dict(type="str", choices=list(LAYOUTS), default="plain"),
+            fstype=dict(type="str", choices=["ext2", "ext3", "ext4", "xfs", "btrfs"]),
+            label=dict(type="str"),
+            allocation=dict(type="str", choices=["sparse", "full"], default="sparse"),
+            persistence_conf=dict(type="list", elements="str", default=["/ union"]),
+        ),
+        required_if=[("layout", "archiso", ["label"])],
+        supports_check_mode=True,
+    )
+    try:
+        result = run(CommandRunner(module), module.params, module.check_mode, module.tmpdir)
+    except (BackstoreError, CommandError) as error:
+        module.fail_json(msg=str(error))
+    if not module._diff:
+        result.pop("diff")
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

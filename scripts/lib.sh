@@ -1,0 +1,78 @@
+# Sourced by scripts/test.sh and scripts/main.sh: installs what the project
+# needs (Debian packages from bindep.txt, a pinned virtual environment) and
+# stages the collection where Ansible and ansible-test expect it.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${LIVECLONE_VENV:-$REPO/.venv}
+# Outside the checkout: ansible-test reads git, which ignores build output.
+STAGE_ROOT=${LIVECLONE_STAGE:-/var/tmp/liveclone-stage-$(printf %s "$REPO" | sha256sum | cut -c1-12)}
+COLLECTION_DIR=$STAGE_ROOT/ansible_collections/liveclone/core
+export PATH=$VENV/bin:$PATH
+
+die() { echo "error: $*" >&2; exit 1; }
+step() { printf '\n=== %s\n' "$*"; }
+
+apt_updated=false
+apt_install() {
+    if [ "$apt_updated" = false ]; then
+        apt-get update -qq
+        apt_updated=true
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# make_venv DIR REQUIREMENTS: (re)create DIR when the pinned file changed.
+make_venv() {
+    local venv=$1 requirements=$2 want stamp=$1/.requirements.sha256
+    want=$(sha256sum "$requirements" | cut -d' ' -f1)
+    if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        step "creating the virtual environment $venv from $requirements"
+        /usr/bin/python3 -m venv --clear "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" 2>&1 \
+            | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+        echo "$want" >"$stamp"
+    fi
+}
+
+# ansible-test bootstraps pip in each sanity venv with a script it downloads
+# from a host outside the package registries; give it ours in its cache.
+install_get_pip_stand_in() {
+    local version
+    version=$(sed -n "s/^ *pip='\\([0-9.]*\\)',\$/\\1/p" \
+        "$VENV"/lib/python3*/site-packages/ansible_test/_internal/python_requirements.py)
+    [ -n "$version" ] || die "cannot read the pip version ansible-test bootstraps"
+    mkdir -p ~/.ansible/test/cache
+    install -m 0644 scripts/ansible_test_get_pip.py ~/.ansible/test/cache/get_pip_${version//./_}.py
+}
+
+# bootstrap PROFILE: install bindep.txt's packages for PROFILE and the venv.
+bootstrap() {
+    [ "$(id -u)" = 0 ] || die "run as root (the modules manage loop devices and mounts)"
+    cd "$REPO"
+    # The venv, and so bindep itself, needs python3-venv first.
+    /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || apt_install python3-venv
+    make_venv "$VENV" requirements.txt
+    install_get_pip_stand_in
+    local missing
+    missing=$(bindep --brief --file bindep.txt "$1" || true)
+    if [ -n "$missing" ]; then
+        step "installing Debian packages: $missing"
+        # shellcheck disable=SC2086  # one word per package
+        apt_install $missing
+    fi
+}
+
+# Copy the working tree (tracked and new files, not ignored ones) to
+# $STAGE_ROOT/ansible_collections/liveclone/core, the path Ansible imports from.
+stage_collection() {
+    cd "$REPO"
+    if findmnt -rn -o TARGET | grep -q "^$STAGE_ROOT"; then
+        die "something is mounted under $STAGE_ROOT; unmount it first"
+    fi
+    rm -rf "$COLLECTION_DIR"
+    mkdir -p "$COLLECTION_DIR"
+    git ls-files -z --cached --others --exclude-standard \
+        | rsync -a --from0 --files-from=- ./ "$COLLECTION_DIR/"
+    export ANSIBLE_COLLECTIONS_PATH=$STAGE_ROOT
+}
