@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/test.sh and scripts/main.sh: installs what the project
 # needs (Debian packages from bindep.txt, a pinned virtual environment) and
 # stages the collection where Ansible and ansible-test expect it.
@@ -42,8 +43,8 @@ install_get_pip_stand_in() {
     version=$(sed -n "s/^ *pip='\\([0-9.]*\\)',\$/\\1/p" \
         "$VENV"/lib/python3*/site-packages/ansible_test/_internal/python_requirements.py)
     [ -n "$version" ] || die "cannot read the pip version ansible-test bootstraps"
-    mkdir -p ~/.ansible/test/cache
-    install -m 0644 scripts/ansible_test_get_pip.py ~/.ansible/test/cache/get_pip_${version//./_}.py
+    mkdir -p "$HOME/.ansible/test/cache"
+    install -m 0644 scripts/ansible_test_get_pip.py "$HOME/.ansible/test/cache/get_pip_${version//./_}.py"
 }
 
 # bootstrap PROFILE: install bindep.txt's packages for PROFILE and the venv.

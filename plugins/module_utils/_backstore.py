@@ -42,7 +42,7 @@ MIN_SIZE = {"ext2": 8 * MIB, "ext3": 8 * MIB, "ext4": 8 * MIB,
 LABEL_MAX = {"ext2": 16, "ext3": 16, "ext4": 16, "xfs": 12, "btrfs": 255}
 
 # FAT cannot hold a file of 4 GiB or more; exFAT can.
-FAT_FSTYPES = ("vfat", "msdos", "fat")
+FAT_FSTYPES = ("vfat", "msdos", "fat", "fuse.fusefat")
 FAT_MAX_FILE_SIZE = 4 * 1024 ** 3 - 1
 
 # Names of the files and mount points this code makes for itself.
@@ -333,11 +333,6 @@ def _check_desired(desired):
         raise BackstoreError(
             "label %r is %d characters long; %s allows at most %d" % (
                 desired.label, len(desired.label), desired.fstype, LABEL_MAX[desired.fstype]))
-    if desired.size is not None and desired.size < MIN_SIZE[desired.fstype]:
-        raise BackstoreError(
-            "size %s is below the %s minimum of %s; choose at least %dM" % (
-                format_size(desired.size), desired.fstype,
-                format_size(MIN_SIZE[desired.fstype]), MIN_SIZE[desired.fstype] // MIB))
 
 
 def _check_existing(desired, current):
@@ -447,6 +442,11 @@ def plan(desired, current):
             raise BackstoreError(
                 "%s does not exist and no size was given; set size (for example 512M) "
                 "to create it" % desired.path)
+        if desired.size < MIN_SIZE[desired.fstype]:
+            raise BackstoreError(
+                "size %s is below the %s minimum of %s; choose at least %dM" % (
+                    format_size(desired.size), desired.fstype,
+                    format_size(MIN_SIZE[desired.fstype]), MIN_SIZE[desired.fstype] // MIB))
         _check_new_size(desired, current, desired.size)
         return operations + [Operation("create", "create %s: %s %s, label %r, %s, layout %s" % (
             desired.path, format_size(desired.size), desired.fstype, desired.label,
