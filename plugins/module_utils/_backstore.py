@@ -49,6 +49,9 @@ FAT_MAX_FILE_SIZE = 4 * 1024 ** 3 - 1
 TEMP_INFIX = ".liveclone-tmp-"
 MOUNT_PREFIX = "liveclone-backstore-"
 
+# Operations that clean up after an interrupted earlier run.
+LEFTOVER_ACTIONS = ("unmount_stale", "remove_stale")
+
 CAP_SYS_RESOURCE = 24  # needed by the kernel for online ext resize
 ZERO_CHUNK = 4 * MIB
 
@@ -522,17 +525,13 @@ def directory_lock(directory):
 class BackstoreApplier:
     """Carries out planned operations."""
 
-    def __init__(self, runner, reader, tmpdir):
+    def __init__(self, runner, tmpdir):
         self.runner = runner
-        self.reader = reader
         self.tmpdir = tmpdir
 
     def apply(self, desired, current, operations):
         for operation in operations:
             getattr(self, "_" + operation.action)(desired, current, operation)
-            if operation.action == "unmount_stale":
-                current.mount_points.remove(operation.args["mount_point"])
-                current.loop_devices = self.reader.loop_devices(desired.path)
 
     def _unmount_stale(self, desired, current, operation):
         mount_point = operation.args["mount_point"]
@@ -686,21 +685,30 @@ def run(runner, params, check_mode, tmpdir):
     """Read, plan, and (unless check_mode) apply; returns the module's result."""
     desired = Desired.from_params(params)
     reader = BackstoreReader(runner)
+    applier = BackstoreApplier(runner, tmpdir)
     directory = os.path.dirname(desired.path)
     lock = directory_lock(directory) if os.path.isdir(directory) else contextlib.nullcontext()
     with lock:
         current = reader.read(desired.path)
         operations = plan(desired, current)
-        result = {"changed": bool(operations),
-                  "operations": [str(operation) for operation in operations],
-                  "diff": diff_view(desired, current, operations)}
+        leftovers = [op for op in operations if op.action in LEFTOVER_ACTIONS]
+        try:
+            if leftovers and not check_mode:
+                # Undoing a leftover mount may detach a loop device: plan the
+                # rest on the state as it is afterwards.
+                applier.apply(desired, current, leftovers)
+                current = reader.read(desired.path)
+                operations = leftovers + plan(desired, current)
+            result = {"changed": bool(operations),
+                      "operations": [str(operation) for operation in operations],
+                      "diff": diff_view(desired, current, operations)}
+            if not check_mode:
+                applier.apply(desired, current, operations[len(leftovers):])
+        except CommandError as error:
+            raise BackstoreError(
+                "%s; %s was left consistent, and running again resumes from "
+                "where this run stopped" % (error, desired.path)) from None
         if operations and not check_mode:
-            try:
-                BackstoreApplier(runner, reader, tmpdir).apply(desired, current, operations)
-            except CommandError as error:
-                raise BackstoreError(
-                    "%s; %s was left consistent, and running again resumes from "
-                    "where this run stopped" % (error, desired.path)) from None
             current = reader.read(desired.path)
     result.update(describe(desired, current))
     return result

@@ -41,6 +41,6 @@ class CommandRunner:
         if rc not in ok_rcs:
             detail = (err or out or "").strip()
             raise CommandError(
-                "%s exited with status %d: %s" % (" ".join(argv), rc, detail)
+                "%s exited with status %d: %s" % (" ".join([argv[0]] + command[1:]), rc, detail)
             )
         return rc, out

@@ -285,14 +285,14 @@ def test_grow_argv(tmp_path, fstype, mounted, loop, expected):
                      mount_points=["/mnt/p"] if mounted else [])
     want = desired(fstype=fstype)
     operations = [op for op in bs.plan(want, state) if op.action != "extend_file"]
-    bs.BackstoreApplier(runner, None, str(tmp_path)).apply(want, state, operations)
+    bs.BackstoreApplier(runner, str(tmp_path)).apply(want, state, operations)
     assert [[os.path.basename(call[0])] + call[1:] for call in module.calls] == expected
 
 
 def test_create_is_atomic_and_cleans_up_on_failure(tmp_path):
     module = FakeModule([(["/usr/sbin/mkfs.ext4"], (1, "", "mkfs failed"))])
     want = desired(path=str(tmp_path / "store.img"), size=16)
-    applier = bs.BackstoreApplier(CommandRunner(module), None, str(tmp_path))
+    applier = bs.BackstoreApplier(CommandRunner(module), str(tmp_path))
     with pytest.raises(CommandError):
         applier.apply(want, current(path=want.path), bs.plan(want, current(path=want.path)))
     assert os.listdir(tmp_path) == []
