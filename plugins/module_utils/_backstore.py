@@ -183,10 +183,6 @@ class Current:
         return self.loop_devices[0]["name"] if self.loop_devices else None
 
     @property
-    def mount_point(self):
-        return self.mount_points[0] if self.mount_points else None
-
-    @property
     def stale_mount_points(self):
         """Our own temporary mounts left by an interrupted earlier run."""
         return [mp for mp in self.mount_points if os.path.basename(mp).startswith(MOUNT_PREFIX)]
@@ -194,6 +190,12 @@ class Current:
     @property
     def live_mount_points(self):
         return [mp for mp in self.mount_points if mp not in self.stale_mount_points]
+
+    @property
+    def mount_point(self):
+        """Where the store is in use, leaving out our own leftover mounts."""
+        live = self.live_mount_points
+        return live[0] if live else None
 
 
 @dataclass
@@ -383,7 +385,7 @@ def _plan_absent(desired, current):
 
 def _plan_grow(desired, current):
     operations = []
-    mounted = bool(current.live_mount_points)
+    mounted = current.mount_point is not None
     target = max(desired.size or 0, current.file_size)
     if desired.size is not None and desired.size > current.file_size + SIZE_TOLERANCE - 1:
         _check_new_size(desired, current, desired.size - current.file_size)
@@ -419,7 +421,7 @@ def _plan_grow(desired, current):
 def _plan_relabel(desired, current):
     if desired.label is None or desired.label == (current.label or None):
         return []
-    if desired.fstype == "xfs" and current.live_mount_points:
+    if desired.fstype == "xfs" and current.mount_point:
         raise BackstoreError(
             "%s is xfs and mounted on %s; xfs can only be relabelled unmounted: unmount "
             "it and run again" % (desired.path, current.mount_point))
@@ -606,7 +608,7 @@ class BackstoreApplier:
 
     def _grow_filesystem(self, desired, current, operation):
         device = current.loop_device or desired.path
-        mount_point = current.live_mount_points[0] if current.live_mount_points else None
+        mount_point = current.mount_point
         if desired.fstype in EXT_FSTYPES:
             if mount_point is None:
                 # e2fsck exits 1 when it corrected something: that is success.
@@ -641,8 +643,7 @@ class BackstoreApplier:
         elif desired.fstype == "xfs":
             self.runner.run(["xfs_admin", "-L", desired.label, device])
         else:
-            target = current.live_mount_points[0] if current.live_mount_points else device
-            self.runner.run(["btrfs", "filesystem", "label", target, desired.label])
+            self.runner.run(["btrfs", "filesystem", "label", current.mount_point or device, desired.label])
 
 
 def describe(desired, current):
@@ -657,7 +658,7 @@ def describe(desired, current):
         "label": current.label,
         "uuid": current.uuid,
         "loop_device": current.loop_device,
-        "mount_point": current.live_mount_points[0] if current.live_mount_points else None,
+        "mount_point": current.mount_point,
     }
 
 
