@@ -29,3 +29,17 @@ attributes:
   idempotent:
     support: full
 """
+
+    # For _info modules, which change nothing.
+    INFO_MODULE = r"""
+options: {}
+attributes:
+  check_mode:
+    support: full
+    details: This module changes nothing, in check mode or not.
+  diff_mode:
+    support: N/A
+    details: This module changes nothing.
+  idempotent:
+    support: full
+"""

@@ -1,0 +1,67 @@
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# Private to the liveclone.core collection: not a public API.
+
+"""rsync as the collection uses it: a faithful copy, and what it changed."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# ACLs, xattrs, hard links, sparse files, numeric ids; no --one-file-system
+# (it drops nested btrfs subvolumes) and no --update (it keeps a newer copy
+# of a file that was downgraded on the source).
+COPY_OPTIONS = ["-aAXHS", "--numeric-ids", "--delete", "--itemize-changes", "--stats"]
+
+# rsync's "some files vanished before they could be transferred".
+RSYNC_VANISHED = 24
+
+# An itemized change: YXcstpoguax NAME, or a deletion.
+_ITEMIZED = re.compile(r"^(?:[<>ch.][fdLDS][.+?a-zA-Z ]{9,10} |\*deleting )")
+_STAT = {
+    "files_total": r"^Number of files: ([\d,]+)",
+    "files_transferred": r"^Number of regular files transferred: ([\d,]+)",
+    "files_deleted": r"^Number of deleted files: ([\d,]+)",
+    "total_size": r"^Total file size: ([\d,]+) bytes",
+    "bytes_transferred": r"^Total transferred file size: ([\d,]+) bytes",
+}
+
+
+@dataclass
+class TransferStats:
+    changes: int = 0
+    files_total: int = 0
+    files_transferred: int = 0
+    files_deleted: int = 0
+    total_size: int = 0
+    bytes_transferred: int = 0
+
+    def view(self):
+        return dict(self.__dict__)
+
+
+def parse_output(out):
+    """TransferStats from the output of rsync --itemize-changes --stats."""
+    stats = TransferStats(changes=sum(1 for line in out.splitlines() if _ITEMIZED.match(line)))
+    for name, pattern in _STAT.items():
+        match = re.search(pattern, out, re.M)
+        if match:
+            setattr(stats, name, int(match.group(1).replace(",", "")))
+    return stats
+
+
+def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=False,
+              delete_excluded=False):
+    """argv copying the tree at source into dest (both directories)."""
+    argv = ["rsync"] + COPY_OPTIONS
+    if checksum:
+        argv.append("--checksum")
+    if dry_run:
+        argv.append("--dry-run")
+    if delete_excluded:
+        argv.append("--delete-excluded")
+    # Protect rules come first: they keep receiver paths from --delete.
+    argv += ["--filter=protect %s" % path for path in protect]
+    argv += ["--exclude=%s" % pattern for pattern in excludes]
+    return argv + [source.rstrip("/") + "/", dest.rstrip("/") + "/"]

@@ -1,0 +1,285 @@
+#!/usr/bin/python
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: snapper_cache
+short_description: Versioned rsync backups of a running host into a btrfs cache
+version_added: 0.1.0
+description:
+  - Keeps an rsync clone of O(source) in C(BASE/.rootfs_cache), a btrfs subvolume,
+    versioned by read-only snapshots, in the layout of DistroClone Backup, so
+    that DistroClone builds live ISOs from it.
+  - The snapshot is taken after a successful copy, so the newest backup is always
+    versioned. With O(snapshot=on_change), a run that copied nothing takes no
+    snapshot and reports C(changed=false).
+  - Retention deletes every snapshot beyond O(keep), snapper-numbered and legacy
+    C(@YYYY-MM-DD_HH:MM) snapshots alike, oldest first.
+  - Nested btrfs subvolumes of the source are copied; other mounted filesystems
+    are not.
+author:
+  - liveclone.core maintainers (@liveclone)
+extends_documentation_fragment:
+  - liveclone.core._attributes
+  - liveclone.core._attributes.ALL_SUPPORTED
+requirements:
+  - rsync, btrfs-progs, util-linux (C(findmnt)); snapper for O(versioning=snapper)
+notes:
+  - Runs as root on the target, with snapper driven without D-Bus (C(snapper --no-dbus)).
+  - A lock in O(base_dir) serialises runs on one cache.
+  - Check mode runs C(rsync --dry-run) to report what would be copied, and lists
+    the snapshots retention would delete.
+options:
+  base_dir:
+    description:
+      - Directory holding the cache, usually where the backup volume is mounted.
+        It must exist. Defaults to C(/mnt/<ID>_backup), with ID from the target's
+        C(/etc/os-release), as DistroClone Backup does.
+    type: path
+  source:
+    description: Root of the tree to back up.
+    type: path
+    default: /
+  state:
+    description:
+      - V(present) runs a backup.
+      - V(absent) deletes the whole cache (snapshots first, as C(rm -rf) cannot
+        delete read-only snapshots), then the snapper config.
+      - V(restored) copies the snapshot O(restore_snapshot) into O(restore_dest).
+    type: str
+    choices: [present, absent, restored]
+    default: present
+  snapper_config:
+    description: Name of the snapper config of the cache.
+    type: str
+    default: distroclone-backup
+  versioning:
+    description:
+      - V(auto) uses snapper when O(base_dir) is on btrfs and snapper is installed,
+        raw read-only btrfs snapshots when only btrfs, and none (with a warning)
+        on other filesystems.
+      - V(snapper), V(btrfs) and V(none) force one; forcing a btrfs kind on
+        another filesystem is refused.
+    type: str
+    choices: [auto, snapper, btrfs, none]
+    default: auto
+  keep:
+    description: How many snapshots retention keeps (at least 1).
+    type: int
+    default: 10
+  exclude:
+    description:
+      - rsync exclude patterns added to the standard list (C(/dev/*), C(/proc/*),
+        C(/sys/*), C(/run/*), C(/tmp/*), C(/mnt/*), C(/media/*), caches, logs and
+        snapshot directories; see docs/snapper_cache.md).
+      - A pattern starting with C(/) is anchored at O(source).
+    type: list
+    elements: str
+    default: []
+  include_home:
+    description: Back up the contents of C(/home) and C(/root) too.
+    type: bool
+    default: false
+  snapshot:
+    description:
+      - V(on_change) snapshots only when the copy changed something.
+      - V(always) snapshots after every successful copy; V(never) does not snapshot.
+    type: str
+    choices: [on_change, always, never]
+    default: on_change
+  checksum:
+    description: Compare file contents, not size and time (slow, thorough).
+    type: bool
+    default: false
+  restore_snapshot:
+    description:
+      - Snapshot to restore with O(state=restored), by name as returned in
+        RV(snapshots) (a snapper number such as V(3), or a legacy V(@2026-06-17_14:30)),
+        or V(latest).
+    type: str
+    default: latest
+  restore_dest:
+    description: Directory to restore into; created when missing. Required with O(state=restored).
+    type: path
+  allow_restore_to_root:
+    description: Allow O(restore_dest=/), which overwrites the running system.
+    type: bool
+    default: false
+  lock_timeout:
+    description: Seconds to wait for another run on the same cache before failing.
+    type: int
+    default: 300
+seealso:
+  - module: liveclone.core.snapper_cache_info
+"""
+
+EXAMPLES = r"""
+- name: Back up this host into /mnt/debian_backup, keeping 10 versions
+  liveclone.core.snapper_cache:
+    base_dir: /mnt/debian_backup
+
+- name: Back up with /home, keep 3 versions, skip a scratch directory
+  liveclone.core.snapper_cache:
+    base_dir: /mnt/debian_backup
+    include_home: true
+    keep: 3
+    exclude:
+      - /srv/scratch/*
+
+- name: Restore snapshot 3 into /srv/restore
+  liveclone.core.snapper_cache:
+    base_dir: /mnt/debian_backup
+    state: restored
+    restore_snapshot: "3"
+    restore_dest: /srv/restore
+
+- name: Delete the whole cache and its snapper config
+  liveclone.core.snapper_cache:
+    base_dir: /mnt/debian_backup
+    state: absent
+"""
+
+RETURN = r"""
+base_dir:
+  description: The cache's base directory.
+  returned: always
+  type: str
+  sample: /mnt/debian_backup
+exists:
+  description: Whether C(.rootfs_cache) exists.
+  returned: always
+  type: bool
+versioning:
+  description: The versioning used (V(snapper), V(btrfs) or V(none)); null after O(state=absent).
+  returned: always
+  type: str
+  sample: snapper
+snapshots:
+  description: The cache's snapshots, oldest first.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: Snapper number as a string, or the legacy C(@DATE) name.
+      type: str
+    number:
+      description: Snapper number; null for legacy snapshots.
+      type: int
+    kind:
+      description: V(snapper) or V(btrfs) (legacy).
+      type: str
+    date:
+      description: When it was taken.
+      type: str
+    description:
+      description: Its description.
+      type: str
+    userdata:
+      description: C(distro), C(kernel) and C(size_kb) of the backup.
+      type: dict
+    path:
+      description: The read-only snapshot's directory.
+      type: str
+    read_only:
+      description: Whether the snapshot is read-only.
+      type: bool
+snapshot_created:
+  description: The snapshot this run took, in the form of an item of RV(snapshots).
+  returned: always
+  type: dict
+snapshots_pruned:
+  description: The snapshots retention deleted (or would delete, in check mode).
+  returned: always
+  type: list
+  elements: dict
+transfer:
+  description: What rsync copied (or would copy, in check mode).
+  returned: when O(state) is V(present) or V(restored)
+  type: dict
+  contains:
+    changes:
+      description: Itemized changes (files and directories created, changed or deleted).
+      type: int
+    files_total:
+      description: Files in the copy.
+      type: int
+    files_transferred:
+      description: Regular files whose data was sent.
+      type: int
+    files_deleted:
+      description: Files deleted from the destination.
+      type: int
+    total_size:
+      description: Bytes in the copy.
+      type: int
+    bytes_transferred:
+      description: Bytes of the files sent.
+      type: int
+metadata:
+  description: The C(.backup_meta) values, read as data.
+  returned: always
+  type: dict
+  sample: {META_DATE: "2026-06-17 14:30", META_DISTRO: Debian GNU/Linux, META_SIZE: 8.2G,
+           META_KERNEL: 6.1.0-28-amd64, META_SNAPSHOT: "4"}
+restored:
+  description: The snapshot restored.
+  returned: when O(state=restored)
+  type: dict
+operations:
+  description: What was done, or would be done in check mode.
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.liveclone.core.plugins.module_utils._command import (
+    CommandError,
+    CommandRunner,
+)
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import (
+    CacheError,
+    CacheManager,
+)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            base_dir=dict(type="path"),
+            source=dict(type="path", default="/"),
+            state=dict(type="str", choices=["present", "absent", "restored"], default="present"),
+            snapper_config=dict(type="str", default="distroclone-backup"),
+            versioning=dict(type="str", choices=["auto", "snapper", "btrfs", "none"], default="auto"),
+            keep=dict(type="int", default=10),
+            exclude=dict(type="list", elements="str", default=[]),
+            include_home=dict(type="bool", default=False),
+            snapshot=dict(type="str", choices=["on_change", "always", "never"], default="on_change"),
+            checksum=dict(type="bool", default=False),
+            restore_snapshot=dict(type="str", default="latest"),
+            restore_dest=dict(type="path"),
+            allow_restore_to_root=dict(type="bool", default=False),
+            lock_timeout=dict(type="int", default=300),
+        ),
+        required_if=[("state", "restored", ["restore_dest"])],
+        supports_check_mode=True,
+    )
+    manager = CacheManager(module, CommandRunner(module), module.params)
+    action = {"present": manager.backup, "absent": manager.remove, "restored": manager.restore}
+    try:
+        result = action[module.params["state"]](module.check_mode)
+    except (CacheError, CommandError) as error:
+        module.fail_json(msg=str(error), operations=manager.operations)
+    for warning in manager.warnings:
+        module.warn(warning)
+    if not module._diff:
+        result.pop("diff")
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+import pytest
+
+from ansible_collections.liveclone.core.plugins.module_utils._backup_meta import (
+    format_meta,
+    human_size,
+    parse_meta,
+)
+from ansible_collections.liveclone.core.plugins.module_utils._rsync import copy_argv, parse_output
+
+RSYNC_OUTPUT = """\
+*deleting   stale
+>f+++++++++ a-link
+.f...p..... mode-changed
+cd+++++++++ nested/
+hf+++++++++ a => a-link
+.d..t...... ./
+sending incremental file list
+
+Number of files: 9 (reg: 4, dir: 5)
+Number of created files: 8 (reg: 4, dir: 4)
+Number of deleted files: 1 (reg: 1)
+Number of regular files transferred: 3
+Total file size: 104,857,618 bytes
+Total transferred file size: 104,857,612 bytes
+"""
+
+
+def test_parse_output_counts_changes_and_stats():
+    stats = parse_output(RSYNC_OUTPUT)
+    assert stats.view() == {"changes": 6, "files_total": 9, "files_transferred": 3, "files_deleted": 1,
+                            "total_size": 104857618, "bytes_transferred": 104857612}
+
+
+def test_parse_output_of_a_run_that_changed_nothing():
+    stats = parse_output("Number of files: 9 (reg: 4, dir: 5)\nNumber of regular files transferred: 0\n")
+    assert (stats.changes, stats.files_total, stats.files_transferred) == (0, 9, 0)
+
+
+def test_copy_argv_puts_protect_rules_first():
+    argv = copy_argv("/src", "/dst/", excludes=["/tmp/*"], protect=["/.snapshots"], checksum=True,
+                     dry_run=True, delete_excluded=True)
+    assert argv == ["rsync", "-aAXHS", "--numeric-ids", "--delete", "--itemize-changes", "--stats",
+                    "--checksum", "--dry-run", "--delete-excluded", "--filter=protect /.snapshots",
+                    "--exclude=/tmp/*", "/src/", "/dst/"]
+    assert "--one-file-system" not in argv and "--update" not in argv
+
+
+def test_meta_round_trip_never_runs_shell():
+    values = {"META_DATE": "2026-06-17 14:30", "META_DISTRO": 'Evil "$(rm -rf /)" `x` \\ OS',
+              "META_SIZE": "8.2G", "META_KERNEL": "6.1.0-28-amd64", "META_SNAPSHOT": "4"}
+    text = format_meta(values)
+    assert text.splitlines()[0] == 'META_DATE="2026-06-17 14:30"'
+    assert 'META_DISTRO="Evil \\"\\$(rm -rf /)\\" \\`x\\` \\\\ OS"' in text
+    assert parse_meta(text) == values
+
+
+def test_parse_meta_ignores_code_and_junk():
+    text = 'META_DATE="2026-06-17 14:30"\nrm -rf /\nMETA_SIZE=$(id)\n# comment\nMETA_DISTRO="SysLinuxOS"\n'
+    assert parse_meta(text) == {"META_DATE": "2026-06-17 14:30", "META_DISTRO": "SysLinuxOS"}
+
+
+@pytest.mark.parametrize("size, text", [
+    (34, "34"), (4096, "4.0K"), (8804682956, "8.2G"), (512 * 1024 * 1024, "512M"),
+    (int(9.99 * 1024 ** 3), "10G"), (10 * 1024 ** 3 + 1, "11G"),
+])
+def test_human_size_like_du(size, text):
+    assert human_size(size) == text
