@@ -89,7 +89,10 @@ class Snapshot:
 
     @property
     def order(self):
-        return (self.date, self.number or 0, self.name)
+        """Oldest first: by date, then snapper number, then legacy same-minute counter."""
+        match = LEGACY_NAME.match(self.name)
+        counter = int(match.group(3) or 1) if match else 0
+        return (self.date, self.number or 0, counter)
 
 
 @dataclass
@@ -124,8 +127,13 @@ class Cache:
     def snapper_registered(self):
         return self.snapper_subvolume is not None
 
+    @property
+    def snapper_manages_cache(self):
+        return self.snapper_registered and (
+            os.path.realpath(self.snapper_subvolume) == os.path.realpath(self.cache_dir))
+
     def versioning_found(self):
-        if self.snapper_registered:
+        if self.snapper_manages_cache:
             return "snapper"
         if self.cache_is_subvolume:
             return "btrfs"
@@ -215,8 +223,7 @@ class CacheReader:
         if cache.cache_exists and cache.base_fstype == "btrfs":
             cache.cache_is_subvolume = os.stat(cache.cache_dir).st_ino == BTRFS_SUBVOLUME_INODE
         cache.snapshots_dir_exists = os.path.isdir(cache.snapshots_dir)
-        if cache.snapper_registered and os.path.realpath(cache.snapper_subvolume) == os.path.realpath(
-                cache.cache_dir):
+        if cache.snapper_manages_cache:
             cache.snapshots += self._snapper_snapshots(cache)
         if cache.snapshots_dir_exists:
             cache.snapshots += self._legacy_snapshots(cache)
@@ -315,38 +322,51 @@ def is_excluded(relative, patterns):
     return False
 
 
-@contextlib.contextmanager
-def cache_lock(base_dir, timeout, record_holder):
-    """Serialise runs on one base directory, waiting up to `timeout` seconds."""
-    fd = os.open(base_dir, os.O_RDONLY)
-    holder_path = os.path.join(base_dir, HOLDER_NAME)
-    try:
-        deadline = time.monotonic() + timeout
+class CacheLock:
+    """Serialises runs on one base directory (flock on the directory itself).
+
+    claim() records who holds it, for the message of a run that times out;
+    it is called only once the run has passed its checks, so that a refused
+    run writes nothing.
+    """
+
+    def __init__(self, base_dir, timeout):
+        self.base_dir = base_dir
+        self.timeout = timeout
+        self.holder_path = os.path.join(base_dir, HOLDER_NAME)
+        self.claimed = False
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.base_dir, os.O_RDONLY)
+        deadline = time.monotonic() + self.timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return self
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = "holder unknown"
-                    with contextlib.suppress(OSError), open(holder_path) as handle:
+                    with contextlib.suppress(OSError), open(self.holder_path) as handle:
                         holder = handle.read().strip()
+                    os.close(self.fd)
                     raise CacheError(
-                        "%s is locked by another run (%s); waited %d s. Try again when it "
-                        "has finished, or raise lock_timeout" % (base_dir, holder, timeout)) from None
+                        "%s is locked by another run (%s); waited %d s. Try again when it has "
+                        "finished, or raise lock_timeout" % (self.base_dir, holder, self.timeout)) from None
                 time.sleep(0.2)
-        if record_holder:
-            with open(holder_path, "w") as handle:
-                handle.write("pid %d on %s since %s\n" % (
-                    os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")))
-        try:
-            yield
-        finally:
-            if record_holder:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(holder_path)
-    finally:
-        os.close(fd)
+
+    def claim(self):
+        with open(self.holder_path, "w") as handle:
+            handle.write("pid %d on %s since %s\n" % (
+                os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")))
+        self.claimed = True
+
+    def __exit__(self, *exc):
+        if self.claimed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.holder_path)
+        os.close(self.fd)
+        return False
 
 
 def _write_atomically(module, path, text, mode=0o644):
@@ -381,22 +401,18 @@ class CacheManager:
 
     # --- validation --------------------------------------------------------
 
-    def _check_base_path(self):
+    def _check_base_path(self, must_exist=True):
         if not os.path.isabs(self.base_dir):
             raise CacheError("base_dir %r is relative; give an absolute path" % self.base_dir)
         if self.base_dir == "/":
             raise CacheError("base_dir / would put the cache over the root filesystem; give a "
                              "directory such as /mnt/debian_backup")
-        if not os.path.isdir(self.base_dir):
+        if must_exist and not os.path.isdir(self.base_dir):
             raise CacheError("base_dir %s does not exist; mount the backup volume there (or "
                              "create the directory) first" % self.base_dir)
 
-    def _check_base(self, cache):
-        if not cache.base_exists:
-            raise CacheError("base_dir %s does not exist; mount the backup volume there (or "
-                             "create the directory) first" % self.base_dir)
-        if cache.snapper_registered and os.path.realpath(cache.snapper_subvolume) != os.path.realpath(
-                cache.cache_dir):
+    def _check_snapper_config(self, cache):
+        if cache.snapper_registered and not cache.snapper_manages_cache:
             raise CacheError("snapper config %r already manages %s, not %s; choose another "
                              "snapper_config" % (self.snapper.config, cache.snapper_subvolume,
                                                  cache.cache_dir))
@@ -456,7 +472,7 @@ class CacheManager:
             kind = "btrfs subvolume" if versioning != "none" else "directory"
             operations.append(("create_cache", "create the %s %s" % (kind, cache.cache_dir)))
         if versioning == "snapper":
-            if not cache.snapper_registered:
+            if not cache.snapper_manages_cache:
                 operations.append(("create_config", "create snapper config %s for %s" % (
                     self.snapper.config, cache.cache_dir)))
                 operations.append(("set_config", "set snapper config %s: %s" % (
@@ -540,13 +556,14 @@ class CacheManager:
             raise CacheError("keep is %d; retention keeps at least 1 snapshot, so set keep: 1 or "
                              "more (or versioning: none for no versions)" % self.params["keep"])
         self._check_base_path()
-        with cache_lock(self.base_dir, self.params["lock_timeout"], record_holder=not check_mode):
+        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock:
             cache = self.reader.read(self.base_dir)
             self.before = cache.view()
-            self._check_base(cache)
-            versioning = self._versioning(cache)
             excludes = self._excludes(source)
             self._check_source(source, excludes)
+            versioning = self._versioning(cache)
+            if versioning == "snapper":
+                self._check_snapper_config(cache)
             layout = self._layout_operations(cache, versioning)
             protect = ["/" + SNAPSHOTS_NAME]
             if check_mode:
@@ -564,6 +581,7 @@ class CacheManager:
                                           if name not in {snap.name for snap in pruned}]
                 predicted["snapshots"] += ["(new)"] if snapshotting else []
                 return self._result(cache, versioning, stats, None, pruned, bool(self.operations), predicted)
+            lock.claim()
             self._apply_layout(layout, cache, versioning)
             pending_path = os.path.join(self.base_dir, PENDING_NAME)
             with open(pending_path, "w"):
@@ -628,16 +646,14 @@ class CacheManager:
         return result
 
     def remove(self, check_mode):
+        self._check_base_path(must_exist=False)
         if not os.path.isdir(self.base_dir):
-            cache = self.reader.read(self.base_dir)
-            return self._result(cache, cache.versioning_found(), None, None, [], False)
-        self._check_base_path()
-        with cache_lock(self.base_dir, self.params["lock_timeout"], record_holder=False):
+            return self._result(self.reader.read(self.base_dir), None, None, None, [], False)
+        with CacheLock(self.base_dir, self.params["lock_timeout"]):
             cache = self.reader.read(self.base_dir)
             self.before = cache.view()
-            self._check_base(cache)
             plan = [("snapshot", snap) for snap in sorted(cache.snapshots, key=lambda s: s.order)]
-            if cache.snapper_registered:
+            if cache.snapper_manages_cache:
                 plan.append(("delete_config", None))
             if cache.snapshots_dir_exists:
                 plan.append(("snapshots_dir", None))
@@ -700,10 +716,9 @@ class CacheManager:
             raise CacheError("restoring over / replaces the running system; set allow_restore_to_root: "
                              "true if that is really meant")
         self._check_base_path()
-        with cache_lock(self.base_dir, self.params["lock_timeout"], record_holder=not check_mode):
+        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock:
             cache = self.reader.read(self.base_dir)
             self.before = cache.view()
-            self._check_base(cache)
             wanted = str(self.params["restore_snapshot"] or "latest")
             if wanted == "latest":
                 snapshot = cache.newest()
@@ -714,10 +729,14 @@ class CacheManager:
                 raise CacheError("snapshot %s is not in %s (snapshots: %s)" % (wanted, self.base_dir, names))
             if _is_within(os.path.realpath(dest), os.path.realpath(self.base_dir)):
                 raise CacheError("restore_dest %s is inside base_dir; restore somewhere else" % dest)
+            if not check_mode:
+                lock.claim()
             if not check_mode and not os.path.isdir(dest):
                 os.makedirs(dest, 0o755)
                 self.operations.append("create %s" % dest)
-            excludes = list(STANDARD_EXCLUDES) if dest == "/" else []
+            # A snapshot shows the cache's own .snapshots subvolume as an empty
+            # directory: an artifact of the cache, never part of the source.
+            excludes = list(STANDARD_EXCLUDES) if dest == "/" else ["/" + SNAPSHOTS_NAME]
             stats = self._rsync(snapshot.path, dest, excludes, check_mode or not os.path.isdir(dest))
             if stats.changes:
                 self.operations.append("%s snapshot %s into %s (%d changes, %d bytes)" % (

@@ -125,3 +125,10 @@ def test_default_base_dir(tmp_path):
     release = tmp_path / "os-release"
     release.write_text('PRETTY_NAME="Debian GNU/Linux 12"\nID=debian\n')
     assert sc.default_base_dir(str(release)) == "/mnt/debian_backup"
+
+
+def test_legacy_snapshots_of_one_minute_sort_by_counter():
+    names = ["@2026-06-17_14:30_10", "@2026-06-17_14:30", "@2026-06-17_14:30_2"]
+    snapshots = [snapshot(name, "2026-06-17 14:30", "btrfs") for name in names]
+    assert [snap.name for snap in sorted(snapshots, key=lambda s: s.order)] == [
+        "@2026-06-17_14:30", "@2026-06-17_14:30_2", "@2026-06-17_14:30_10"]
