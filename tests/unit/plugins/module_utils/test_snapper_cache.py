@@ -132,3 +132,32 @@ def test_legacy_snapshots_of_one_minute_sort_by_counter():
     snapshots = [snapshot(name, "2026-06-17 14:30", "btrfs") for name in names]
     assert [snap.name for snap in sorted(snapshots, key=lambda s: s.order)] == [
         "@2026-06-17_14:30", "@2026-06-17_14:30_2", "@2026-06-17_14:30_10"]
+
+
+class FakeRunner:
+    def __init__(self, rc, out):
+        self.rc, self.out = rc, out
+
+    def run(self, argv, ok_rcs=(0,)):
+        from ansible_collections.liveclone.core.plugins.module_utils._command import CommandError
+
+        if self.rc not in ok_rcs:
+            raise CommandError("rsync exited with status %d: some error" % self.rc)
+        return self.rc, self.out
+
+
+def test_rsync_exit_24_is_a_warning():
+    copier = manager()
+    copier.runner = FakeRunner(24, ">f+++++++++ a\nNumber of regular files transferred: 1\n")
+    stats = copier._rsync("/src", "/dst", [], dry_run=False)
+    assert stats.files_transferred == 1
+    assert copier.warnings == ["some files vanished from /src while they were copied (rsync exit 24); "
+                               "the backup is otherwise complete"]
+
+
+@pytest.mark.parametrize("rc", [1, 11, 23, -9])
+def test_other_rsync_failures_fail_before_any_snapshot(rc):
+    copier = manager()
+    copier.runner = FakeRunner(rc, "")
+    with pytest.raises(sc.CacheError, match="the copy failed, so no snapshot was taken and .backup_meta"):
+        copier._rsync("/src", "/dst", [], dry_run=False)
