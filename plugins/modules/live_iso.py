@@ -1,0 +1,253 @@
+#!/usr/bin/python
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: live_iso
+short_description: Build a bootable BIOS and UEFI live ISO from a cache snapshot, a tree or the host
+version_added: 0.1.0
+description:
+  - Builds one hybrid ISO that boots from CD and USB, on BIOS and UEFI x86_64, with
+    Debian's live-boot. It is built from a read-only snapshot of a
+    M(liveclone.core.snapper_cache) cache (best), any root tree, or the running host.
+  - The source is never modified and the host is never changed. All mounts live in
+    a private mount namespace of the module's own process and vanish with it.
+    A btrfs snapshot source is cloned as a writable snapshot, not copied file by file.
+  - The image is cleaned of the source's users (UID 1000 and up), homes, SSH host
+    keys, machine-id, NetworkManager connections, histories, logs and caches.
+  - The build is reproducible. SOURCE_DATE_EPOCH comes from the source, so the same
+    snapshot and options give the same ISO, byte for byte. A manifest beside the
+    ISO makes an unchanged source with unchanged options a no-op.
+  - GRUB's menu and the default entry's console go to the screen and the first
+    serial port, so a headless server shows a login prompt on its serial line.
+author:
+  - liveclone.core maintainers (@liveclone)
+extends_documentation_fragment:
+  - liveclone.core._attributes
+  - liveclone.core._attributes.ALL_SUPPORTED
+requirements:
+  - squashfs-tools, xorriso, grub-common, grub-pc-bin, grub-efi-amd64-bin, mtools,
+    openssl, rsync, btrfs-progs on the host that builds (never in the image source)
+  - live-boot, live-config and live-config-systemd in the source (see O(install_missing))
+notes:
+  - Runs as root. Diff mode shows nothing more than the operations.
+  - Only the Debian family is supported; other distributions are refused with a clear message.
+options:
+  dest:
+    description: Path of the ISO. C(DEST.sha256), C(DEST.md5) and C(DEST.manifest.json) are written beside it.
+    type: path
+    required: true
+  source:
+    description:
+      - V(cache) builds from a read-only snapshot of the cache in O(cache_dir).
+      - V(path) builds from the root tree O(source_path).
+      - V(live) builds from the running system.
+    type: str
+    choices: [cache, path, live]
+    default: cache
+  cache_dir:
+    description: The O(liveclone.core.snapper_cache#module:base_dir) of the cache, with O(source=cache).
+    type: path
+  snapper_config:
+    description: The snapper config of that cache.
+    type: str
+    default: distroclone-backup
+  snapshot:
+    description: The snapshot to build from, V(latest) or its name as M(liveclone.core.snapper_cache) returns it.
+    type: str
+    default: latest
+  source_path:
+    description: Root of the tree, with O(source=path).
+    type: path
+  label:
+    description: ISO volume id, at most 32 characters.
+    type: str
+    default: LIVECLONE
+  hostname:
+    description: Host name of the live system.
+    type: str
+    default: liveclone
+  live_user:
+    description: The live system's user, in the groups sudo, audio, video, cdrom, plugdev and netdev. Empty for none.
+    type: str
+    default: live
+  live_password:
+    description: Password of O(live_user). Without it the user cannot log in on a console.
+    type: str
+  root_password:
+    description: Password for root. Without it root is locked; there is no default password.
+    type: str
+  boot_params:
+    description: Extra kernel parameters for every boot entry.
+    type: list
+    elements: str
+    default: []
+  persistence:
+    description: Add a boot entry that uses a backing store made by M(liveclone.core.backstore) (live-boot layout).
+    type: bool
+    default: true
+  installer:
+    description: V(calamares) also requires (or installs, see O(install_missing)) the Calamares installer in the image.
+    type: str
+    choices: [none, calamares]
+    default: none
+  install_missing:
+    description:
+      - Install live-boot (and Calamares) into the image from the image's own APT
+        repositories when the source lacks them. Off by default, because it needs
+        network access and changes what the image holds.
+    type: bool
+    default: false
+  compression:
+    description: squashfs compression.
+    type: str
+    choices: [zstd, xz, lz4, gzip]
+    default: zstd
+  compression_level:
+    description: Level for V(zstd) (1-22) or V(gzip) (1-9).
+    type: int
+  block_size:
+    description: squashfs block size in bytes.
+    type: int
+    default: 1048576
+  exclude:
+    description: Extra paths to leave out of the image (shell wildcards, relative to the root).
+    type: list
+    elements: str
+    default: []
+  keep_home:
+    description: Keep the contents of C(/home) and C(/root) (histories are removed anyway).
+    type: bool
+    default: false
+  keep_users:
+    description: Users with UID 1000 or more to keep in the image.
+    type: list
+    elements: str
+    default: []
+  work_dir:
+    description:
+      - Directory for the temporary work tree; it is removed after the build. Defaults to
+        the cache's base_dir for O(source=cache), so that the writable snapshot is instant,
+        and to the directory of O(dest) otherwise.
+    type: path
+  checksums:
+    description: Checksum files to write beside the ISO.
+    type: list
+    elements: str
+    choices: [sha256, md5]
+    default: [sha256]
+  force:
+    description: Build even when the manifest says the ISO is up to date.
+    type: bool
+    default: false
+seealso:
+  - module: liveclone.core.snapper_cache
+  - module: liveclone.core.backstore
+"""
+
+EXAMPLES = r"""
+- name: Build a live ISO from the newest backup snapshot
+  liveclone.core.live_iso:
+    dest: /srv/iso/debian-live.iso
+    cache_dir: /mnt/debian_backup
+    label: DEBIAN_LIVE
+    live_password: "{{ vault_live_password }}"
+
+- name: Build from a tree, with xz for the smallest image
+  liveclone.core.live_iso:
+    dest: /srv/iso/rescue.iso
+    source: path
+    source_path: /srv/rootfs
+    compression: xz
+    boot_params: [nomodeset]
+"""
+
+RETURN = r"""
+path:
+  description: The ISO.
+  returned: always
+  type: str
+size:
+  description: Size of the ISO in bytes.
+  returned: when the ISO exists
+  type: int
+sha256:
+  description: SHA-256 of the ISO.
+  returned: when the ISO exists
+  type: str
+label:
+  description: ISO volume id.
+  returned: always
+  type: str
+source:
+  description: The source used, with its kind, path, snapshot, identity and SOURCE_DATE_EPOCH.
+  returned: always
+  type: dict
+squashfs:
+  description: Size of the squashfs, the uncompressed size, and their ratio.
+  returned: when the ISO exists
+  type: dict
+stages:
+  description: Seconds spent in each stage of the build (copy, configure, initramfs, squashfs, bootloader, iso).
+  returned: always
+  type: dict
+operations:
+  description: What was done, or would be done in check mode.
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.liveclone.core.plugins.module_utils._command import (
+    CommandError,
+    CommandRunner,
+)
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import IsoError, run
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            dest=dict(type="path", required=True),
+            source=dict(type="str", choices=["cache", "path", "live"], default="cache"),
+            cache_dir=dict(type="path"),
+            snapper_config=dict(type="str", default="distroclone-backup"),
+            snapshot=dict(type="str", default="latest"),
+            source_path=dict(type="path"),
+            label=dict(type="str", default="LIVECLONE"),
+            hostname=dict(type="str", default="liveclone"),
+            live_user=dict(type="str", default="live"),
+            live_password=dict(type="str", no_log=True),
+            root_password=dict(type="str", no_log=True),
+            boot_params=dict(type="list", elements="str", default=[]),
+            persistence=dict(type="bool", default=True),
+            installer=dict(type="str", choices=["none", "calamares"], default="none"),
+            install_missing=dict(type="bool", default=False),
+            compression=dict(type="str", choices=["zstd", "xz", "lz4", "gzip"], default="zstd"),
+            compression_level=dict(type="int"),
+            block_size=dict(type="int", default=1048576),
+            exclude=dict(type="list", elements="str", default=[]),
+            keep_home=dict(type="bool", default=False),
+            keep_users=dict(type="list", elements="str", default=[]),
+            work_dir=dict(type="path"),
+            checksums=dict(type="list", elements="str", choices=["sha256", "md5"], default=["sha256"]),
+            force=dict(type="bool", default=False),
+        ),
+        required_if=[("source", "cache", ["cache_dir"]), ("source", "path", ["source_path"])],
+        supports_check_mode=True,
+    )
+    try:
+        result, warnings = run(module, CommandRunner(module), module.params, module.check_mode)
+    except (IsoError, CommandError) as error:
+        module.fail_json(msg=str(error))
+    for warning in warnings:
+        module.warn(warning)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
