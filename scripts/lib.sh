@@ -68,6 +68,10 @@ bootstrap() {
 # $STAGE_ROOT/ansible_collections/liveclone/core, the path Ansible imports from.
 stage_collection() {
     cd "$REPO"
+    mkdir -p "$STAGE_ROOT"
+    # One run at a time per staging tree: another run's tests execute from it.
+    exec {stage_lock}>"$STAGE_ROOT/.lock"
+    flock --nonblock "$stage_lock" || die "another run is using $STAGE_ROOT; wait for it to finish"
     if findmnt -rn -o TARGET | grep -q "^$STAGE_ROOT"; then
         die "something is mounted under $STAGE_ROOT; unmount it first"
     fi

@@ -401,14 +401,14 @@ class IsoBuilder:
         if os.path.lexists(machine_id):
             os.unlink(machine_id)
         open(machine_id, "w").close()  # empty: systemd makes a new one at boot
-        homes = ["root"] + sorted(os.path.join("home", name) for name in _listdir(os.path.join(rootfs, "home")))
+        if not self.params["keep_home"]:
+            _empty_dir(os.path.join(rootfs, "home"))
+            _empty_dir(os.path.join(rootfs, "root"))
+        homes = ["root"] + [os.path.join("home", name) for name in _listdir(os.path.join(rootfs, "home"))]
         for home in homes:
-            full = os.path.join(rootfs, home)
-            if not self.params["keep_home"] and os.path.isdir(full):
-                _empty_dir(full)
             for name in HISTORY_NAMES:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(full, name))
+                    os.unlink(os.path.join(rootfs, home, name))
         for directory in EMPTIED_DIRS:
             _empty_dir(os.path.join(rootfs, directory))
         for directory, _dirs, files in os.walk(os.path.join(rootfs, "var/log")):
@@ -523,11 +523,8 @@ class IsoBuilder:
         compression = self.params["compression"]
         argv = ["mksquashfs", rootfs, output, "-noappend", "-no-progress", "-comp", compression,
                 "-b", str(self.params["block_size"])]
-        level_option = COMPRESSORS[compression]
         if self.params["compression_level"] is not None:
-            if level_option is None:
-                raise IsoError("compression %s takes no compression_level; leave it unset" % compression)
-            argv += [level_option, str(self.params["compression_level"])]
+            argv += [COMPRESSORS[compression], str(self.params["compression_level"])]
         if compression == "xz":
             argv += ["-Xbcj", "x86"]
         # Every argument after -e is a name to exclude: options come first.
@@ -640,6 +637,8 @@ def run(module, runner, params, check_mode):
         raise IsoError("dest %r is relative; give an absolute path" % params["dest"])
     if not os.path.isdir(dest_dir):
         raise IsoError("the directory of dest, %s, does not exist; create it first" % dest_dir)
+    if params["compression_level"] is not None and COMPRESSORS[params["compression"]] is None:
+        raise IsoError("compression %s takes no compression_level; leave it unset" % params["compression"])
     if len(params["label"]) > 32:
         raise IsoError("label %r is longer than the 32 characters an ISO volume id holds" % params["label"])
     fd = os.open(dest_dir, os.O_RDONLY)

@@ -1,8 +1,9 @@
 """Run a liveclone.core module with the ansible CLI, and interfere with it.
 
-  run_module.py kill MODULE ARGS [--watch GLOB --min-bytes N] [--only NAME]
-      Start the module; once a file matching GLOB is larger than N bytes (or at
-      once), SIGKILL the whole process tree, or only its processes named NAME.
+  run_module.py kill MODULE ARGS [--watch GLOB --min-bytes N] [--after NAME] [--only NAME]
+      Start the module; once a file matching GLOB is larger than N bytes, or a
+      process named NAME (--after) runs under it, SIGKILL the whole process
+      tree, or only its processes named NAME (--only).
   run_module.py concurrent MODULE HOLDER_ARGS --busy NAME ARGS [ARGS ...]
       Start the module with HOLDER_ARGS; once a process named NAME runs under
       it, start one run per ARGS at the same time; wait for all. These runs
@@ -111,7 +112,8 @@ def kill(options):
         if options.watch and not any(os.stat(path).st_size > options.min_bytes
                                      for path in glob.glob(options.watch)):
             return False
-        return not options.only or any(name == options.only for _pid, name in tree(process.pid))
+        waited_for = options.only or options.after
+        return not waited_for or any(name == waited_for for _pid, name in tree(process.pid))
 
     killed = []
     if wait_for(ready, process):
@@ -146,6 +148,7 @@ def main():
     killer.add_argument("--watch")
     killer.add_argument("--min-bytes", type=int, default=0)
     killer.add_argument("--only")
+    killer.add_argument("--after")
     racer = commands.add_parser("concurrent")
     racer.add_argument("module")
     racer.add_argument("holder")
