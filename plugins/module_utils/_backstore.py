@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from ansible.module_utils.common.text.formatters import human_to_bytes
 
 from ._command import CommandError
+from ._fs import MOUNTINFO, read_mounts
 
 MIB = 1024 * 1024
 
@@ -208,20 +209,9 @@ class Operation:
         return self.text
 
 
-def _unescape_mountinfo(text):
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
-def read_mount_points(source, mountinfo_path="/proc/self/mountinfo"):
+def read_mount_points(source, mountinfo=MOUNTINFO):
     """Mount points whose source device is `source`."""
-    points = []
-    with open(mountinfo_path) as handle:
-        for line in handle:
-            pre, _sep, post = line.partition(" - ")
-            fields, post_fields = pre.split(), post.split()
-            if len(fields) >= 5 and len(post_fields) >= 2 and post_fields[1] == source:
-                points.append(_unescape_mountinfo(fields[4]))
-    return points
+    return [mount.point for mount in read_mounts(mountinfo) if mount.source == source]
 
 
 def has_capability(number, status_path="/proc/self/status"):

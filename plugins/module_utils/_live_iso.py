@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import datetime
 import fcntl
+import fnmatch
 import glob
 import hashlib
 import json
@@ -30,6 +31,7 @@ import tempfile
 import time
 
 from ._command import CommandError
+from ._fs import is_within, read_mounts, write_atomically
 from ._rsync import RSYNC_VANISHED, copy_argv
 from ._snapper_cache import (
     BTRFS_SUBVOLUME_INODE,
@@ -79,15 +81,9 @@ def enter_private_mount_namespace(runner):
     runner.run(["mount", "--make-rprivate", "/"])
 
 
-def _is_within(path, parent):
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
-def mounts_under(path, mountinfo="/proc/self/mountinfo"):
-    with open(mountinfo) as handle:
-        points = [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-                  for line in handle]
-    return sorted((point for point in points if _is_within(point, path)), reverse=True)
+def mounts_under(path):
+    """Mount points at or below path, deepest first."""
+    return sorted((mount.point for mount in read_mounts() if is_within(mount.point, path)), reverse=True)
 
 
 class Source:
@@ -224,7 +220,7 @@ class IsoBuilder:
             excludes += HOME_EXCLUDES
         excludes += mount_excludes(source.root, self.params["keep_home"])
         for path in (os.path.dirname(self.dest), self._work_parent(source)):
-            if _is_within(path, source.root) and path != source.root:
+            if is_within(path, source.root) and path != source.root:
                 excludes.append("/" + os.path.relpath(path, source.root) + "/*")
         return excludes + ["/" + pattern.lstrip("/") for pattern in self.params["exclude"]]
 
@@ -333,7 +329,7 @@ class IsoBuilder:
                 manifest = {"version": MANIFEST_VERSION, "source_identity": source.identity,
                             "options_digest": digest, "sha256": checksum, "source": source.view(),
                             "size": os.path.getsize(self.dest), "squashfs": squash}
-                _write_atomically(self.module, self.manifest_path(), json.dumps(manifest, indent=2) + "\n")
+                write_atomically(self.module, self.manifest_path(), json.dumps(manifest, indent=2) + "\n")
             self.operations.append("built %s from %s %s" % (self.dest, source.kind, source.snapshot or source.root))
             return manifest
         finally:
@@ -625,7 +621,7 @@ class IsoBuilder:
         for algorithm in ("sha256", "md5"):
             path = "%s.%s" % (self.dest, algorithm)
             if algorithm in self.params["checksums"]:
-                _write_atomically(self.module, path, "%s  %s\n" % (wanted[algorithm], name))
+                write_atomically(self.module, path, "%s  %s\n" % (wanted[algorithm], name))
             elif os.path.exists(path):
                 os.unlink(path)
 
@@ -664,8 +660,6 @@ def run(module, runner, params, check_mode):
 
 
 def _excluded(relative, patterns):
-    import fnmatch
-
     return any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns)
 
 
@@ -711,14 +705,6 @@ def _write(path, text, mode=0o644):
     with open(path, "w") as handle:
         handle.write(text)
     os.chmod(path, mode)
-
-
-def _write_atomically(module, path, text):
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(temp, 0o644)
-    module.atomic_move(temp, path)
 
 
 def _hash_file(path, digest):

@@ -26,12 +26,12 @@ import platform
 import re
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
 from ._backup_meta import format_meta, human_size, parse_meta
 from ._command import CommandError
+from ._fs import MOUNTINFO, is_within, read_mounts, write_atomically
 from ._rsync import RSYNC_VANISHED, copy_argv, parse_output
 
 CACHE_NAME = ".rootfs_cache"
@@ -278,34 +278,25 @@ class CacheReader:
         return found
 
 
-def mount_excludes(source, include_home, mountinfo="/proc/self/mountinfo"):
+def mount_excludes(source, include_home, mountinfo=MOUNTINFO):
     """Exclude patterns for the filesystems mounted inside source.
 
     Nested btrfs subvolumes of source's own filesystem are crossed into (the
     reference's --one-file-system skipped them); other filesystems are not,
     except /home and /root when include_home asks for them.
     """
-    mounts = []
-    with open(mountinfo) as handle:
-        for line in handle:
-            fields = line.split(" - ")[0].split()
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            mounts.append((point, fields[2]))
+    mounts = read_mounts(mountinfo)
     source = os.path.realpath(source)
-    owner = max((m for m in mounts if _is_within(source, m[0])), key=lambda m: len(m[0]))
+    owner = max((m for m in mounts if is_within(source, m.point)), key=lambda m: len(m.point))
     excludes = []
-    for point, device in mounts:
-        if point == owner[0] or not _is_within(point, source) or device == owner[1]:
+    for mount in mounts:
+        if mount.point == owner.point or not is_within(mount.point, source) or mount.device == owner.device:
             continue
-        relative = "/" + os.path.relpath(point, source)
-        if point == source or (include_home and relative in HOME_DIRS):
+        relative = "/" + os.path.relpath(mount.point, source)
+        if include_home and relative in HOME_DIRS:
             continue
         excludes.append(relative + "/*")
     return sorted(set(excludes))
-
-
-def _is_within(path, parent):
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
 def is_excluded(relative, patterns):
@@ -367,17 +358,6 @@ class CacheLock:
                 os.unlink(self.holder_path)
         os.close(self.fd)
         return False
-
-
-def _write_atomically(module, path, text, mode=0o644):
-    directory = os.path.dirname(path)
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(temp, mode)
-    module.atomic_move(temp, path)
 
 
 def _diff_view(view):
@@ -456,7 +436,7 @@ class CacheManager:
         if not os.path.isdir(source):
             raise CacheError("source %s does not exist or is not a directory" % source)
         base = os.path.realpath(self.base_dir)
-        if _is_within(base, os.path.realpath(source)):
+        if is_within(base, os.path.realpath(source)):
             relative = "/" + os.path.relpath(base, os.path.realpath(source))
             if relative == "/." or not is_excluded(relative, excludes):
                 raise CacheError(
@@ -537,7 +517,7 @@ class CacheManager:
         self.runner.run(["btrfs", "subvolume", "snapshot", "-r", cache.cache_dir, path])
         meta = {"META_DATE": stamp.replace("_", " "), "META_DESCRIPTION": SNAPSHOT_DESCRIPTION}
         meta.update({"META_" + key.upper(): value for key, value in userdata.items()})
-        _write_atomically(self.module, path + ".meta", format_meta(meta))
+        write_atomically(self.module, path + ".meta", format_meta(meta))
         return None, name
 
     def _delete_snapshot(self, snapshot):
@@ -600,7 +580,7 @@ class CacheManager:
                         "META_SIZE": human_size(stats.total_size), "META_KERNEL": userdata["kernel"]}
                 if created:
                     meta["META_SNAPSHOT"] = created
-                _write_atomically(self.module, cache.meta_path, format_meta(meta))
+                write_atomically(self.module, cache.meta_path, format_meta(meta))
                 self.operations.append("wrote %s" % cache.meta_path)
             os.unlink(pending_path)
             cache = self.reader.read(self.base_dir)
@@ -700,8 +680,7 @@ class CacheManager:
             os.unlink(os.path.join(self.base_dir, item))
 
     def _remove_plain_tree(self, path):
-        with open("/proc/self/mountinfo") as handle:
-            mounted = [line.split()[4] for line in handle if _is_within(line.split()[4], path)]
+        mounted = [mount.point for mount in read_mounts() if is_within(mount.point, path)]
         if mounted:
             raise CacheError("%s has filesystems mounted inside (%s); unmount them, then run again"
                              % (path, ", ".join(mounted)))
@@ -727,7 +706,7 @@ class CacheManager:
             if snapshot is None:
                 names = ", ".join(s.name for s in sorted(cache.snapshots, key=lambda s: s.order)) or "none"
                 raise CacheError("snapshot %s is not in %s (snapshots: %s)" % (wanted, self.base_dir, names))
-            if _is_within(os.path.realpath(dest), os.path.realpath(self.base_dir)):
+            if is_within(os.path.realpath(dest), os.path.realpath(self.base_dir)):
                 raise CacheError("restore_dest %s is inside base_dir; restore somewhere else" % dest)
             if not check_mode:
                 lock.claim()

@@ -1,0 +1,55 @@
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# Private to the liveclone.core collection: not a public API.
+
+"""Filesystem helpers shared by the modules: mounts, paths, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    device: str  # major:minor of the filesystem
+    fstype: str
+    source: str
+
+
+def _unescape(text):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
+def read_mounts(mountinfo=MOUNTINFO):
+    """The mounts this process sees, in mountinfo order."""
+    mounts = []
+    with open(mountinfo) as handle:
+        for line in handle:
+            pre, _sep, post = line.partition(" - ")
+            fields, post_fields = pre.split(), post.split()
+            mounts.append(Mount(_unescape(fields[4]), fields[2],
+                                post_fields[0] if post_fields else "",
+                                _unescape(post_fields[1]) if len(post_fields) > 1 else ""))
+    return mounts
+
+
+def is_within(path, parent):
+    """Whether path is parent or lies below it."""
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def write_atomically(module, path, text, mode=0o644):
+    """Write text to a temporary file beside path, then move it over path."""
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(temp, mode)
+    module.atomic_move(temp, path)
