@@ -21,6 +21,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,7 +106,13 @@ def wait_for(condition, process):
     return False
 
 
+def payload_dirs(module):
+    """AnsiballZ's extraction directories of this module; a killed run leaves its own behind."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), "ansible_liveclone.core.%s_payload_*" % module)))
+
+
 def kill(options):
+    payloads_before = payload_dirs(options.module)
     process = start(options.module, options.args)
 
     def ready():
@@ -126,6 +133,9 @@ def kill(options):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(name)
     result = result_of(process)
+    if killed and not options.only:
+        for path in payload_dirs(options.module) - payloads_before:
+            shutil.rmtree(path, ignore_errors=True)
     print(json.dumps({"killed": killed, "result": result}))
     return 0 if killed else 1
 
