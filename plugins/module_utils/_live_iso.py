@@ -192,9 +192,8 @@ class IsoBuilder:
         return self.runner.run(["findmnt", "-n", "-o", "UUID", "--target", path])[1].strip()
 
     def _walk(self, root, excludes):
-        """(relative path, mode, size, mtime) of the tree, in a stable order, minus excludes."""
+        """(relative path, mode, size, mtime) of each entry, in a stable order, minus excludes."""
         patterns = [pattern.rstrip("/") for pattern in excludes]
-        root_dev = os.lstat(root).st_dev
         for directory, dirs, files in os.walk(root):
             relative_dir = "/" + os.path.relpath(directory, root).lstrip(".")
             dirs.sort()
@@ -210,7 +209,7 @@ class IsoBuilder:
                     continue
                 st = os.lstat(os.path.join(directory, name))
                 size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-                yield rel, st.st_mode, size, int(st.st_mtime), st.st_dev == root_dev
+                yield rel, st.st_mode, size, int(st.st_mtime)
 
     def _copy_excludes(self, source):
         if source.kind == "cache":

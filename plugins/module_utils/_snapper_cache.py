@@ -569,13 +569,13 @@ class CacheManager:
             stats = self._rsync(source, cache.cache_dir, excludes, False, protect, True)
             self._describe_copy(stats, source, cache, dry_run=False)
             created = None
-            if stats.changes or cache.pending or self._wants_snapshot(versioning, stats, cache.pending):
+            snapshotting = self._wants_snapshot(versioning, stats, cache.pending)
+            if stats.changes or cache.pending or snapshotting:
                 cache = self.reader.read(self.base_dir)
                 userdata = self._userdata(source, stats)
-                if self._wants_snapshot(versioning, stats, True):
-                    number, name = self._snapshot(cache, versioning, userdata)
-                    created = name
-                    self.operations.append("took %s snapshot %s" % (versioning, name))
+                if snapshotting:
+                    _number, created = self._snapshot(cache, versioning, userdata)
+                    self.operations.append("took %s snapshot %s" % (versioning, created))
                 meta = {"META_DATE": time.strftime("%Y-%m-%d %H:%M"), "META_DISTRO": userdata["distro"],
                         "META_SIZE": human_size(stats.total_size), "META_KERNEL": userdata["kernel"]}
                 if created:
