@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
-# unit tests, integration tests. Installs what it needs; safe to run again.
-# Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration)
+# unit tests, integration tests, system tests. Installs what it needs; safe to run again.
+# Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration system)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tiers=("$@")
-[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration)
+[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system)
 
 bootstrap test
 stage_collection
@@ -31,6 +31,10 @@ for tier in "${tiers[@]}"; do
         # their own loop devices in always blocks.
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             ansible-test integration --local --allow-destructive --python 3.11 --color no) ;;
+    system)
+        step "system tests (the built collection, run through ansible-runner, private mount namespace)"
+        (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
+            "$PY" -m pytest -q -p no:cacheprovider tests/system) ;;
     *) die "unknown tier $tier" ;;
     esac
 done

@@ -1,0 +1,107 @@
+"""Fixtures of the system tests: the collection as users install it, run the
+way AWX runs it (ansible-runner), on localhost in a sandbox. scripts/test.sh
+runs this tier inside a private mount namespace, so every mount made here,
+including the copies covering /etc/snapper and /etc/fstab, vanishes with it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COLLECTION_DIR = REPO
+BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
+# Host files the roles write, covered by copies inside the namespace.
+COVERED = ("/etc/snapper", "/etc/default/snapper", "/etc/fstab")
+
+
+def run(argv, **kwargs):
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
+
+
+def in_private_mount_namespace():
+    own = os.readlink("/proc/self/ns/mnt")
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            if os.readlink("/proc/%d/ns/mnt" % pid) != own:
+                return True
+            with open("/proc/%d/stat" % pid) as handle:
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            return False
+    return False
+
+
+def mounted_under(path):
+    with open("/proc/self/mountinfo") as handle:
+        targets = [line.split()[4] for line in handle]
+    return [target for target in targets if target == path or target.startswith(path + "/")]
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """A work directory, with /etc/snapper, /etc/default/snapper and /etc/fstab covered by copies."""
+    if os.geteuid() != 0:
+        pytest.fail("the system tests need root: run them through scripts/test.sh")
+    if not in_private_mount_namespace():
+        pytest.fail("not in a private mount namespace: run the system tests through scripts/test.sh")
+    work = tempfile.mkdtemp(prefix="liveclone-system-", dir="/var/tmp")
+    covered = []
+    try:
+        for path in COVERED:
+            copy = os.path.join(work, "etc", path.strip("/").replace("/", "_"))
+            if os.path.isdir(path):
+                shutil.copytree(path, copy)
+            else:
+                os.makedirs(os.path.dirname(copy), exist_ok=True)
+                shutil.copy2(path, copy)
+            run(["mount", "--bind", copy, path])
+            covered.append(path)
+        yield work
+    finally:
+        for path in reversed(covered):
+            subprocess.run(["umount", path], check=False)
+        leftovers = mounted_under(work)
+        for target in sorted(leftovers, reverse=True):
+            subprocess.run(["umount", target], check=False)
+        if mounted_under(work):
+            raise RuntimeError("%s still has mounts; not removing it" % work)
+        shutil.rmtree(work)
+
+
+@pytest.fixture(scope="session")
+def debian_tree():
+    """The cached debootstrap'd Debian 12 tree with a kernel and live-boot."""
+    return run(["bash", BUILD_TREE]).stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def collection_tarball(tmp_path_factory):
+    """The collection built with ansible-galaxy, as it would be published."""
+    out = tmp_path_factory.mktemp("build")
+    run(["ansible-galaxy", "collection", "build", "--output-path", str(out), COLLECTION_DIR])
+    (tarball,) = out.glob("liveclone-core-*.tar.gz")
+    return tarball
+
+
+@pytest.fixture(scope="session")
+def installed_collections(tmp_path_factory, collection_tarball):
+    """A collections path holding the installed tarball. Its dependencies come
+    from the ansible package in the virtual environment (Galaxy is not
+    reachable), hence --no-deps."""
+    path = tmp_path_factory.mktemp("collections")
+    # Only the new path: the staged copy must not count as "already installed".
+    run(["ansible-galaxy", "collection", "install", "--no-deps", "-p", str(path), str(collection_tarball)],
+        env=dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(path)))
+    return path
+
+
+def tarball_members(tarball):
+    with tarfile.open(tarball) as archive:
+        return archive.getnames()
