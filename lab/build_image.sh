@@ -2,7 +2,7 @@
 # Builds (once per machine) the lab VM image: Debian 12 with a kernel,
 # systemd, openssh-server, python3 and the tools the roles use, so that a
 # converge installs nothing. Cached under $LIVECLONE_CACHE/lab (default
-# /var/cache/liveclone/lab), keyed by the package list and this script; built
+# /var/cache/liveclone/lab), keyed by the package list and a layout version; built
 # under a temporary name and renamed, so a killed build is redone. Prints the
 # image directory: rootfs.raw (ext4, no partition table), vmlinuz, initrd.img
 # and the lab's SSH key (id_ed25519), whose public half root accepts.
@@ -12,13 +12,17 @@ packages=(
     # backstore, rootfs_backup, live_iso roles
     e2fsprogs xfsprogs btrfs-progs dosfstools rsync snapper squashfs-tools xorriso grub-common grub-pc-bin
     grub-efi-amd64-bin mtools openssl zstd
-    # the rootfs_backup timer runs the backup through the host's ansible-core
-    ansible-core
     # an ISO built from this machine boots with live-boot
     live-boot live-config live-config-systemd sudo
 )
+# Installed with apt in the tree afterwards: python3-cryptography's
+# maintainer script fails inside debootstrap's second stage.
+# The rootfs_backup timer runs the backup through the host's ansible-core.
+later_packages=(ansible-core)
 cache=${LIVECLONE_CACHE:-/var/cache/liveclone}/lab
-key=$( { printf '%s\n' "${packages[@]}"; cat "${BASH_SOURCE[0]}"; } | sha256sum | cut -c1-12)
+# Raise when the way the image is made changes, so that machines rebuild it.
+layout_version=1
+key=$(printf '%s\n' "$layout_version" "${packages[@]}" "${later_packages[@]}" | sha256sum | cut -c1-12)
 image=$cache/bookworm-$key
 if [ ! -f "$image/rootfs.raw" ]; then
     mkdir -p "$cache"
@@ -32,6 +36,14 @@ if [ ! -f "$image/rootfs.raw" ]; then
         >"$tree/etc/dpkg/dpkg.cfg.d/01-lab-nodoc"
     debootstrap --variant=minbase --include="$(IFS=,; echo "${packages[*]}")" bookworm "$tree" \
         http://deb.debian.org/debian >"$partial/debootstrap.log" 2>&1 || { tail -20 "$partial/debootstrap.log" >&2; exit 1; }
+    # apt needs /proc and /dev in the tree: mount them in a private namespace,
+    # where they vanish with the command even if it is killed.
+    # shellcheck disable=SC2016  # expanded by the inner shell
+    unshare --mount --propagation private -- sh -c '
+        tree=$1; shift
+        mount -t proc proc "$tree/proc" && mount --rbind /dev "$tree/dev" &&
+        DEBIAN_FRONTEND=noninteractive chroot "$tree" apt-get install -y -qq --no-install-recommends "$@"' \
+        sh "$tree" "${later_packages[@]}" >>"$partial/debootstrap.log" 2>&1 || { tail -20 "$partial/debootstrap.log" >&2; exit 1; }
     ssh-keygen -q -t ed25519 -N '' -C liveclone-lab -f "$partial/id_ed25519"
     install -d -m 0700 "$tree/root/.ssh"
     install -m 0600 "$partial/id_ed25519.pub" "$tree/root/.ssh/authorized_keys"

@@ -106,7 +106,7 @@ def up(name, state_dir):
     while time.monotonic() - started < SSH_TIMEOUT:
         if not running(pid, vm_dir):
             raise SystemExit("VM %s stopped while booting; see %s/console.log" % (name, vm_dir))
-        if subprocess.run(ssh_argv(facts, "true"), capture_output=True).returncode == 0:
+        if subprocess.run(ssh_argv(facts, "true"), capture_output=True, check=False).returncode == 0:
             facts["seconds_to_ssh"] = round(time.monotonic() - started, 1)
             with open(os.path.join(vm_dir, "facts.json"), "w") as handle:
                 json.dump(facts, handle)

@@ -1,14 +1,68 @@
 #!/usr/bin/env bash
-# The main job. Until the lab VM exists, it runs the backstore example
-# playbook against a sandbox on localhost, in a private mount namespace.
+# The main job: back up a disposable lab VM and build its live ISO with
+# playbooks/backup_then_build.yml, then boot the fetched ISO in QEMU and show
+# the proof. Builds the lab image the first time (about 3 minutes, cached).
 # Installs what it needs; safe to run again. Extra arguments go to
-# ansible-playbook (for example -e backstore_sandbox_keep=true).
+# ansible-playbook. Keeps its output in $LIVECLONE_DEMO_DIR
+# (default /var/tmp/liveclone-demo); the VM is stopped at the end, always.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-bootstrap main
+DEMO_DIR=${LIVECLONE_DEMO_DIR:-/var/tmp/liveclone-demo}
+LAB_STATE=$DEMO_DIR/lab
+ARTIFACTS=$DEMO_DIR/artifacts
+BOOT_ISO=$REPO/tests/integration/targets/setup_module_runner/files/boot_iso.py
+declare -a stage_times=()
+ticker_pid=
+
+# timed LABEL OUT COMMAND...: runs COMMAND with its output into the file OUT
+# (- for the terminal), printing a progress line every 20 s, and records how
+# long it took.
+timed() {
+    local label=$1 out=$2 started=$SECONDS ticker rc=0
+    shift 2
+    step "$label"
+    ( while sleep 20; do echo "    ... $label: $((SECONDS - started)) s"; done ) &
+    ticker=$!
+    ticker_pid=$ticker
+    if [ "$out" = - ]; then "$@" || rc=$?; else "$@" >"$out" || rc=$?; fi
+    kill "$ticker" 2>/dev/null; wait "$ticker" 2>/dev/null || true
+    stage_times+=("$(printf '%-44s %5d s' "$label" $((SECONDS - started)))")
+    return "$rc"
+}
+
+bootstrap test
 stage_collection
-step "backstore workflow in a sandbox on localhost"
-cd "$REPO" || exit
-exec unshare --mount --propagation private -- \
-    ansible-playbook -i localhost, -e "ansible_python_interpreter=$VENV/bin/python" \
-    playbooks/backstore_sandbox.yml "$@"
+mkdir -p "$DEMO_DIR"
+rm -rf "$ARTIFACTS"
+lab=("$VENV/bin/python" "$REPO/lab/lab.py")
+# Always: stop the progress ticker and the VM (by its PID; lab.py checks it).
+trap '[ -z "$ticker_pid" ] || kill "$ticker_pid" 2>/dev/null; "${lab[@]}" down demo "$LAB_STATE"' EXIT
+
+timed "lab image (built once per machine)" /dev/null "${lab[@]}" image
+timed "boot the lab VM" "$DEMO_DIR/vm.json" "${lab[@]}" up demo "$LAB_STATE"
+"${lab[@]}" inventory "$LAB_STATE" >"$DEMO_DIR/inventory.json"
+timed "backup_then_build.yml against the VM" - \
+    ansible-playbook -i "$DEMO_DIR/inventory.json" "$REPO/playbooks/backup_then_build.yml" \
+    -e rootfs_backup_device=/dev/vdb -e rootfs_backup_format_device=true \
+    -e live_iso_live_password=live -e "liveclone_artifact_dir=$ARTIFACTS" "$@"
+iso=$ARTIFACTS/demo/live.iso
+timed "boot the fetched ISO in QEMU (BIOS, TCG)" "$DEMO_DIR/boot.json" \
+    "$VENV/bin/python" "$BOOT_ISO" "$iso" bios live live 600
+
+step "proof"
+"$VENV/bin/python" - "$DEMO_DIR/boot.json" "$iso" <<'PY'
+import json, os, sys
+boot = json.load(open(sys.argv[1]))
+iso = sys.argv[2]
+print("boot menu (serial console):")
+for line in boot["menu"]:
+    print("    " + line)
+print("login prompt after %s s: %s" % (boot["seconds_to_login_prompt"], " ".join(boot["prompt"])))
+print("logged in as live, groups: %s" % " ".join(boot["groups"] or []))
+print("ISO %s: %d bytes (%.0f MiB)" % (iso, os.path.getsize(iso), os.path.getsize(iso) / 2**20))
+print("sha256 %s" % open(iso + ".sha256").read().split()[0])
+PY
+echo
+cat "$ARTIFACTS/fleet-report.md"
+step "time per stage"
+printf '%s\n' "${stage_times[@]}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
-# unit tests, integration tests, system tests. Installs what it needs; safe to run again.
-# Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration system)
+# unit tests, integration tests, system tests, Molecule scenarios on lab VMs. Installs what it needs; safe to run again.
+# Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration system molecule)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tiers=("$@")
@@ -35,6 +35,12 @@ for tier in "${tiers[@]}"; do
         step "system tests (the built collection, run through ansible-runner, private mount namespace)"
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -p no:cacheprovider tests/system) ;;
+    molecule)
+        step "Molecule scenarios on lab VMs (QEMU, TCG)"
+        # Each scenario boots its own VMs and destroys them, even when it fails.
+        for scenario in backstore rootfs_backup live_iso backup_then_build; do
+            (cd "$COLLECTION_DIR" && time molecule test --scenario-name "$scenario")
+        done ;;
     *) die "unknown tier $tier" ;;
     esac
 done

@@ -507,12 +507,39 @@ class IsoBuilder:
 
     def _initramfs(self, rootfs, work, epoch):
         with self._chroot(rootfs):
+            initrds = self._initrds(rootfs)
+            if initrds and all(self._initramfs_boots_live(rootfs, initrd) for initrd in initrds.values()):
+                # Regenerating takes minutes on slow machines and changes nothing that matters.
+                self.operations.append("kept the source's initramfs: it has live-boot and none of the "
+                                       "source's resume or crypttab settings")
+                return
             try:
-                self.runner.run(["chroot", rootfs, "env", "SOURCE_DATE_EPOCH=%d" % epoch,
-                                 "update-initramfs", "-u", "-k", "all"])
+                for version, initrd in initrds.items():
+                    # -u updates an initramfs; -c creates one a kernel lacks.
+                    self.runner.run(["chroot", rootfs, "env", "SOURCE_DATE_EPOCH=%d" % epoch, "update-initramfs",
+                                     "-u" if initrd else "-c", "-k", version])
             except CommandError as error:
                 raise IsoError("regenerating the image's initramfs failed: %s" % error) from None
         self.operations.append("regenerated the initramfs with live-boot")
+
+    @staticmethod
+    def _initrds(rootfs):
+        """Each kernel version of the image and its initramfs (None where it has none)."""
+        initrds = {}
+        for kernel in sorted(glob.glob(os.path.join(rootfs, "boot/vmlinuz-*"))):
+            version = os.path.basename(kernel)[len("vmlinuz-"):]
+            initrd = "/boot/initrd.img-%s" % version
+            initrds[version] = initrd if os.path.isfile(rootfs + initrd) else None
+        return initrds
+
+    def _initramfs_boots_live(self, rootfs, initrd):
+        if initrd is None:
+            return False
+        try:
+            _rc, out = self.runner.run(["chroot", rootfs, "lsinitramfs", initrd])
+        except CommandError:
+            return False
+        return initramfs_boots_live(out.splitlines())
 
     def _squashfs(self, rootfs, output, epoch):
         compression = self.params["compression"]
@@ -656,6 +683,16 @@ def run(module, runner, params, check_mode):
     if manifest:
         result.update(size=manifest["size"], sha256=manifest["sha256"], squashfs=manifest["squashfs"])
     return result, builder.warnings
+
+
+def initramfs_boots_live(entries):
+    """Whether an initramfs, by its file list, boots a live system and carries
+    none of the source's resume or crypttab settings (which the image drops)."""
+    names = {entry.strip().lstrip("./") for entry in entries}
+    has_live_boot = "scripts/live" in names
+    source_settings = any(name.startswith("cryptroot/") or
+                          (name.startswith("conf/conf.d/") and "resume" in name) for name in names)
+    return has_live_boot and not source_settings
 
 
 def _excluded(relative, patterns):

@@ -112,3 +112,16 @@ def test_family_check(tmp_path, release, supported):
     else:
         with pytest.raises(li.IsoError, match="not yet supported"):
             builder._check_family(str(tmp_path))
+
+
+@pytest.mark.parametrize(("entries", "boots_live"), [
+    (["scripts", "scripts/live", "lib/live/boot/9990-main.sh", "conf/initramfs.conf"], True),
+    ([".", "./scripts/live", "./conf/arch.conf"], True),
+    (["scripts", "scripts/local", "conf/initramfs.conf"], False),
+    (["scripts/live", "conf/conf.d/resume"], False),
+    (["scripts/live", "conf/conf.d/zz-resume-auto"], False),
+    (["scripts/live", "cryptroot/crypttab"], False),
+    ([], False),
+])
+def test_initramfs_kept_only_when_it_boots_live_without_source_settings(entries, boots_live):
+    assert li.initramfs_boots_live(entries) is boots_live

@@ -9,6 +9,7 @@ step took. QEMU is always stopped, by its own PID.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -61,6 +62,10 @@ try:
     seen["grub_menu"] = expect(b"Live system (", timeout)
     seen["login_prompt"] = expect(b"login:", timeout - (time.monotonic() - started))
     seen["seconds_to_login_prompt"] = round(time.monotonic() - started, 1)
+    # What the serial console showed, for people: the menu entries and the prompt.
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b.|\r", "\n", console.decode(errors="replace"))
+    seen["menu"] = sorted({line.strip(" *|") for line in text.splitlines() if "Live system" in line})
+    seen["prompt"] = [line.strip() for line in text.splitlines() if line.rstrip().endswith("login:")][-1:]
     if seen["login_prompt"]:
         time.sleep(3)  # let getty settle after printing the prompt
         serial.sendall(user.encode() + b"\n")
