@@ -7,11 +7,8 @@ ISO = "/var/lib/liveclone/live.iso"
 
 
 def local_sha256(path):
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def test_iso_and_checksum_file(host):
