@@ -192,7 +192,8 @@ class IsoBuilder:
         return self.runner.run(["findmnt", "-n", "-o", "UUID", "--target", path])[1].strip()
 
     def _walk(self, root, excludes):
-        """(relative path, mode, size, mtime) of each entry, in a stable order, minus excludes."""
+        """(relative path, mode, size, mtime or 0 for a directory) of each entry, in a
+        stable order, minus excludes."""
         patterns = [pattern.rstrip("/") for pattern in excludes]
         for directory, dirs, files in os.walk(root):
             relative_dir = "/" + os.path.relpath(directory, root).lstrip(".")
@@ -209,7 +210,10 @@ class IsoBuilder:
                     continue
                 st = os.lstat(os.path.join(directory, name))
                 size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-                yield rel, st.st_mode, size, int(st.st_mtime)
+                # A directory's mtime changes when an entry is created and removed
+                # again (/tmp on a running host); its entries carry the content.
+                mtime = 0 if stat.S_ISDIR(st.st_mode) else int(st.st_mtime)
+                yield rel, st.st_mode, size, mtime
 
     def _copy_excludes(self, source):
         if source.kind == "cache":

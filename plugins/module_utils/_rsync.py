@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # ACLs, xattrs, hard links, sparse files, numeric ids; no --one-file-system
 # (it drops nested btrfs subvolumes) and no --update (it keeps a newer copy
@@ -17,8 +17,15 @@ COPY_OPTIONS = ["-aAXHS", "--numeric-ids", "--delete", "--itemize-changes", "--s
 # rsync's "some files vanished before they could be transferred".
 RSYNC_VANISHED = 24
 
+# How many itemized lines a result shows: enough to tell why a backup changed.
+CHANGED_PATHS_SHOWN = 20
+
 # An itemized change: YXcstpoguax NAME, or a deletion.
 _ITEMIZED = re.compile(r"^(?:[<>ch.][fdLDS][.+?a-zA-Z ]{9,10} |\*deleting )")
+# A directory whose only change is its mtime: an entry in it was created and
+# removed again (/tmp, /run on a running host). rsync still copies the time,
+# but it is no reason for a new snapshot.
+_DIRECTORY_TIME_ONLY = re.compile(r"^\.d\.\.t\.{5,6} ")
 _STAT = {
     "files_total": r"^Number of files: ([\d,]+)",
     "files_transferred": r"^Number of regular files transferred: ([\d,]+)",
@@ -36,6 +43,7 @@ class TransferStats:
     files_deleted: int = 0
     total_size: int = 0
     bytes_transferred: int = 0
+    changed_paths: list = field(default_factory=list)
 
     def view(self):
         return dict(self.__dict__)
@@ -43,7 +51,9 @@ class TransferStats:
 
 def parse_output(out):
     """TransferStats from the output of rsync --itemize-changes --stats."""
-    stats = TransferStats(changes=sum(1 for line in out.splitlines() if _ITEMIZED.match(line)))
+    itemized = [line for line in out.splitlines()
+                if _ITEMIZED.match(line) and not _DIRECTORY_TIME_ONLY.match(line)]
+    stats = TransferStats(changes=len(itemized), changed_paths=itemized[:CHANGED_PATHS_SHOWN])
     for name, pattern in _STAT.items():
         match = re.search(pattern, out, re.M)
         if match:

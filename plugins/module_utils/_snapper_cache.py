@@ -46,6 +46,8 @@ STANDARD_EXCLUDES = [
     "/swapfile", "/boot/efi/*", "/var/cache/apt/archives/*", "/var/lib/apt/lists/*",
     "/var/log/*", "/var/tmp/*", "/etc/NetworkManager/system-connections/*", "/snap",
     "/var/snap", "/var/lib/snapd", "/.snapshots", "/var/lib/snapper",
+    # live_iso's default output: an ISO inside the backup would grow every later backup and ISO.
+    "/var/lib/liveclone/*",
 ]
 HOME_EXCLUDES = ["/home/*", "/root/*"]
 HOME_DIRS = ("/home", "/root")

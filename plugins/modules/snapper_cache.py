@@ -72,8 +72,9 @@ options:
   exclude:
     description:
       - rsync exclude patterns added to the standard list (C(/dev/*), C(/proc/*),
-        C(/sys/*), C(/run/*), C(/tmp/*), C(/mnt/*), C(/media/*), caches, logs and
-        snapshot directories; see docs/snapper_cache.md).
+        C(/sys/*), C(/run/*), C(/tmp/*), C(/mnt/*), C(/media/*), caches, logs,
+        snapshot directories and live_iso's default output C(/var/lib/liveclone/*);
+        see docs/snapper_cache.md).
       - A pattern starting with C(/) is anchored at O(source).
     type: list
     elements: str
@@ -201,7 +202,9 @@ transfer:
   type: dict
   contains:
     changes:
-      description: Itemized changes (files and directories created, changed or deleted).
+      description:
+        - Itemized changes (files and directories created, changed or deleted).
+        - A directory whose only change is its modification time is not counted.
       type: int
     files_total:
       description: Files in the copy.
@@ -218,6 +221,13 @@ transfer:
     bytes_transferred:
       description: Bytes of the files sent.
       type: int
+    changed_paths:
+      description:
+        - The first 20 of rsync's itemized changes (C(--itemize-changes) format), to tell why a run
+          reported a change.
+      type: list
+      elements: str
+      sample: [">f.st...... etc/hostname", "*deleting   etc/old.conf"]
 metadata:
   description: The C(.backup_meta) values, read as data.
   returned: always

@@ -125,3 +125,17 @@ def test_family_check(tmp_path, release, supported):
 ])
 def test_initramfs_kept_only_when_it_boots_live_without_source_settings(entries, boots_live):
     assert li.initramfs_boots_live(entries) is boots_live
+
+
+def test_a_directory_time_alone_does_not_change_a_tree_fingerprint(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "hostname").write_text("lab\n")
+    (tmp_path / "tmp").mkdir()
+    builder = li.IsoBuilder(None, None, params())
+    first = list(builder._walk(str(tmp_path), ["/tmp/*"]))
+    (tmp_path / "tmp" / "scratch").write_text("x")
+    os.utime(tmp_path / "tmp", (1, 1))
+    os.utime(tmp_path / "etc", (1, 1))
+    assert list(builder._walk(str(tmp_path), ["/tmp/*"])) == first
+    os.utime(tmp_path / "etc" / "hostname", (1, 1))
+    assert list(builder._walk(str(tmp_path), ["/tmp/*"])) != first

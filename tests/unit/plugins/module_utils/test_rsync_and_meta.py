@@ -32,13 +32,26 @@ Total transferred file size: 104,857,612 bytes
 
 def test_parse_output_counts_changes_and_stats():
     stats = parse_output(RSYNC_OUTPUT)
-    assert stats.view() == {"changes": 6, "files_total": 9, "files_transferred": 3, "files_deleted": 1,
-                            "total_size": 104857618, "bytes_transferred": 104857612}
+    assert stats.view() == {"changes": 5, "files_total": 9, "files_transferred": 3, "files_deleted": 1,
+                            "total_size": 104857618, "bytes_transferred": 104857612,
+                            "changed_paths": RSYNC_OUTPUT.splitlines()[:5]}
+
+
+def test_parse_output_shows_only_the_first_changed_paths():
+    out = "".join(">f+++++++++ file%d\n" % number for number in range(50))
+    stats = parse_output(out)
+    assert stats.changes == 50
+    assert stats.changed_paths == [">f+++++++++ file%d" % number for number in range(20)]
+
+
+def test_parse_output_does_not_count_a_directory_whose_only_change_is_its_time():
+    stats = parse_output(".d..t...... tmp/\n.d..t...... run/\n.d..t...... ./\n")
+    assert (stats.changes, stats.changed_paths) == (0, [])
 
 
 def test_parse_output_of_a_run_that_changed_nothing():
     stats = parse_output("Number of files: 9 (reg: 4, dir: 5)\nNumber of regular files transferred: 0\n")
-    assert (stats.changes, stats.files_total, stats.files_transferred) == (0, 9, 0)
+    assert (stats.changes, stats.files_total, stats.files_transferred, stats.changed_paths) == (0, 9, 0, [])
 
 
 def test_copy_argv_puts_protect_rules_first():
