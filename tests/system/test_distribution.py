@@ -74,3 +74,13 @@ def test_module_docs_are_current(tmp_path):
     for name in made:
         current = pathlib.Path(docs, name).read_text()
         assert (tmp_path / name).read_text() == current, "docs/modules/%s is stale: run scripts/update_docs.sh" % name
+
+
+def test_backup_task_and_timer_job_take_the_same_arguments():
+    """The role's backup task names each argument of the dict the timer's job is written from."""
+    role = pathlib.Path(REPO) / "roles/rootfs_backup"
+    shared = yaml.safe_load((role / "vars/main.yml").read_text())["__rootfs_backup_module_args"]
+    task = next(task for task in yaml.safe_load((role / "tasks/main.yml").read_text())
+                if "liveclone.core.snapper_cache" in task)
+    arguments = task["liveclone.core.snapper_cache"]
+    assert arguments == {key: "{{ __rootfs_backup_module_args.%s }}" % key for key in shared}

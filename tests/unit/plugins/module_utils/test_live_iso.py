@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -139,3 +140,38 @@ def test_a_directory_time_alone_does_not_change_a_tree_fingerprint(tmp_path):
     assert list(builder._walk(str(tmp_path), ["/tmp/*"])) == first
     os.utime(tmp_path / "etc" / "hostname", (1, 1))
     assert list(builder._walk(str(tmp_path), ["/tmp/*"])) != first
+
+
+def _built_iso(tmp_path):
+    iso = tmp_path / "live.iso"
+    iso.write_bytes(b"iso" * 1000)
+    builder = li.IsoBuilder(None, None, params(dest=str(iso)))
+    source = li.Source("cache", "/mnt/b/.rootfs_cache/.snapshots/1/snapshot", "1")
+    source.identity = "btrfs:uuid"
+    manifest = {"version": li.MANIFEST_VERSION, "source_identity": "btrfs:uuid", "options_digest": "d",
+                "sha256": li._sha256(str(iso)), "size": iso.stat().st_size, "iso_mtime_ns": iso.stat().st_mtime_ns}
+    (tmp_path / ("live.iso" + li.MANIFEST_SUFFIX)).write_text(json.dumps(manifest))
+    return iso, builder, source
+
+
+def test_an_iso_as_built_is_up_to_date_without_reading_it(tmp_path, monkeypatch):
+    iso, builder, source = _built_iso(tmp_path)
+    monkeypatch.setattr(li, "_sha256", lambda path: pytest.fail("hashed an untouched ISO"))
+    assert builder.up_to_date(source, "d")["sha256"]
+    assert builder.up_to_date(source, "other options") is None
+
+
+def test_an_iso_touched_but_unchanged_is_up_to_date(tmp_path):
+    iso, builder, source = _built_iso(tmp_path)
+    os.utime(iso, (1, 1))
+    assert builder.up_to_date(source, "d") is not None
+
+
+def test_an_iso_changed_in_place_or_resized_is_rebuilt(tmp_path):
+    iso, builder, source = _built_iso(tmp_path)
+    with open(iso, "r+b") as handle:
+        handle.write(b"X")
+    os.utime(iso, (1, 1))
+    assert builder.up_to_date(source, "d") is None
+    iso.write_bytes(b"short")
+    assert builder.up_to_date(source, "d") is None
