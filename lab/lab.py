@@ -29,6 +29,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEMORY_MIB = int(os.environ.get("LIVECLONE_LAB_MEMORY", "3072"))
 CPUS = int(os.environ.get("LIVECLONE_LAB_CPUS", "2"))
+# TCG emulates a plain x86-64 CPU faster than "max" (no AVX paths in glibc and
+# Python to emulate): Python starts 1.7x and rsync runs 1.4x faster.
+CPU_MODEL = os.environ.get("LIVECLONE_LAB_CPU_MODEL", "qemu64")
 BACKUP_DISK = "12G"
 STICK_DISK = "2G"
 SSH_TIMEOUT = 300
@@ -82,7 +85,7 @@ def up(name, state_dir):
     port = free_port()
     pidfile = os.path.join(vm_dir, "qemu.pid")
     argv = [
-        "qemu-system-x86_64", "-name", "liveclone-lab-%s" % name, "-accel", "tcg", "-cpu", "max",
+        "qemu-system-x86_64", "-name", "liveclone-lab-%s" % name, "-accel", "tcg", "-cpu", CPU_MODEL,
         "-m", str(MEMORY_MIB), "-smp", str(CPUS), "-display", "none", "-monitor", "none",
         "-kernel", os.path.join(image, "vmlinuz"), "-initrd", os.path.join(image, "initrd.img"),
         "-append", "root=/dev/vda rw console=ttyS0,115200 net.ifnames=0 systemd.show_status=0",

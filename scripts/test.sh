@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
 # unit tests, integration tests, system tests, Molecule scenarios on lab VMs. Installs what it needs; safe to run again.
-# Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration system molecule)
+# Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration system e2e molecule)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tiers=("$@")
@@ -34,7 +34,11 @@ for tier in "${tiers[@]}"; do
     system)
         step "system tests (the built collection, run through ansible-runner, private mount namespace)"
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
-            "$PY" -m pytest -q -p no:cacheprovider tests/system) ;;
+            "$PY" -m pytest -q -p no:cacheprovider --ignore-glob='*/test_e2e_*' tests/system) ;;
+    e2e)
+        step "end-to-end workflows on booted machines (QEMU, TCG; private mount namespace)"
+        (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
+            "$PY" -m pytest -q -s -p no:cacheprovider tests/system/test_e2e_*.py) ;;
     molecule)
         step "Molecule scenarios on lab VMs (QEMU, TCG)"
         # Each scenario boots its own VMs and destroys them, even when it fails.

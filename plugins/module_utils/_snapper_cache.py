@@ -46,8 +46,9 @@ STANDARD_EXCLUDES = [
     "/swapfile", "/boot/efi/*", "/var/cache/apt/archives/*", "/var/lib/apt/lists/*",
     "/var/log/*", "/var/tmp/*", "/etc/NetworkManager/system-connections/*", "/snap",
     "/var/snap", "/var/lib/snapd", "/.snapshots", "/var/lib/snapper",
-    # live_iso's default output: an ISO inside the backup would grow every later backup and ISO.
-    "/var/lib/liveclone/*",
+    # live_iso's default output, directory and all: an ISO inside the backup would grow
+    # every later backup and ISO, and the directory appears only after a backup.
+    "/var/lib/liveclone",
 ]
 HOME_EXCLUDES = ["/home/*", "/root/*"]
 HOME_DIRS = ("/home", "/root")

@@ -73,7 +73,7 @@ options:
     description:
       - rsync exclude patterns added to the standard list (C(/dev/*), C(/proc/*),
         C(/sys/*), C(/run/*), C(/tmp/*), C(/mnt/*), C(/media/*), caches, logs,
-        snapshot directories and live_iso's default output C(/var/lib/liveclone/*);
+        snapshot directories and live_iso's default output C(/var/lib/liveclone);
         see docs/snapper_cache.md).
       - A pattern starting with C(/) is anchored at O(source).
     type: list

@@ -5,9 +5,12 @@ including the copies covering /etc/snapper and /etc/fstab, vanishes with it."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tarfile
 import tempfile
 
@@ -22,6 +25,39 @@ COVERED = ("/etc/snapper", "/etc/default/snapper", "/etc/fstab")
 
 def run(argv, **kwargs):
     return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ansible_module(module, host=None, port=None, key=None, check=False, **arguments):
+    """The result of one module run (ad hoc), on this machine or over SSH on host:port as root.
+    Fails the test with the module's message when the module fails."""
+    if host:
+        inventory = ["-i", "%s," % host, "-e", json.dumps({
+            "ansible_port": port, "ansible_user": "root", "ansible_ssh_private_key_file": key,
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"})]
+        pattern = host
+    else:
+        inventory = ["-i", "localhost,", "-c", "local", "-e", "ansible_python_interpreter=%s" % sys.executable]
+        pattern = "localhost"
+    argv = ["ansible", pattern, *inventory, "-m", module, "-a", json.dumps(arguments)]
+    if check:
+        argv.append("--check")
+    env = dict(os.environ, ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
+               ANSIBLE_PIPELINING="1")
+    out = subprocess.run(argv, text=True, capture_output=True, env=env, check=False)
+    try:
+        result = json.loads(out.stdout)["plays"][0]["tasks"][0]["hosts"][pattern]
+    except (ValueError, KeyError, IndexError):
+        pytest.fail("%s gave no result (exit %d):\n%s\n%s" % (module, out.returncode, out.stdout, out.stderr))
+    if result.get("failed") or result.get("unreachable"):
+        pytest.fail("%s failed: %s" % (module, result.get("msg")))
+    return result
 
 
 def in_private_mount_namespace():
@@ -79,6 +115,12 @@ def sandbox():
 def debian_tree():
     """The cached debootstrap'd Debian 12 tree with a kernel and live-boot."""
     return run(["bash", BUILD_TREE]).stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def lab_image():
+    """The lab's cached Debian 12 image directory (built the first time, about 3 minutes)."""
+    return run([sys.executable, os.path.join(REPO, "lab/lab.py"), "image"]).stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,170 @@
+"""End to end, the workflow of sysresccd-backing-store.txt with Debian
+live-boot: a live ISO, a USB stick holding a backing store made by
+`backstore`, changes that survive a reboot, the store grown by `backstore`
+while the live system runs on it, and a boot without the store (live-boot's
+equivalent of `backstore=off`) that does not see the changes, until the next
+persistent boot brings them back.
+
+The ISO is built with `live_iso` from the lab image's tree (it has sshd and
+python3, so Ansible can reach the live system to grow its store). Each boot
+is a QEMU run of the ISO with the stick attached over USB; a "reboot" is a
+clean power-off and a new run with the same stick."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+from conftest import REPO, ansible_module, free_port, run
+
+sys.path.insert(0, os.path.join(REPO, "lab"))
+from live_console import LiveMachine  # noqa: E402
+
+ROOT_PASSWORD = "e2e-root"
+# GRUB entries, in the order live_iso writes them.
+PLAIN, PERSISTENT = 0, 1
+CHANGES = {
+    "etc": "cat /etc/liveclone-e2e.conf",
+    "user": "id -u e2e-user",
+    "root": "cat /root/e2e-notes.txt",
+}
+
+
+@pytest.fixture(scope="module")
+def live_iso(sandbox, lab_image):
+    """A live ISO of the lab image's tree, with root's password set and sshd running."""
+    work = os.path.join(sandbox, "backing-store")
+    tree = os.path.join(work, "lab-tree")
+    os.makedirs(tree)
+    run(["mount", "-o", "ro,noload", os.path.join(lab_image, "rootfs.raw"), tree])
+    try:
+        started = time.monotonic()
+        result = ansible_module("liveclone.core.live_iso", dest=os.path.join(work, "live.iso"), source="path",
+                                source_path=tree, label="E2E", root_password=ROOT_PASSWORD,
+                                live_password="live", compression="lz4",
+                                # The lab's network unit names eth0.
+                                boot_params=["net.ifnames=0"])
+        print("ISO built in %.0f s (%d bytes)" % (time.monotonic() - started, result["size"]))
+    finally:
+        run(["umount", tree])
+    return os.path.join(work, "live.iso")
+
+
+@pytest.fixture(scope="module")
+def stick(sandbox):
+    """A 1 GiB USB stick image: one ext4 partition holding a live-boot store made by backstore."""
+    image = os.path.join(sandbox, "backing-store", "stick.raw")
+    run(["truncate", "--size", "1G", image])
+    run(["sfdisk", "--quiet", image], input="label: dos\n,,L\n")
+    device = run(["losetup", "--find", "--show", "--partscan", image]).stdout.strip()
+    mount_point = os.path.join(sandbox, "backing-store", "stick")
+    os.makedirs(mount_point)
+    try:
+        run(["mkfs.ext4", "-q", "-L", "LIVESTICK", device + "p1"])
+        run(["mount", device + "p1", mount_point])
+        try:
+            created = ansible_module("liveclone.core.backstore", path=mount_point, layout="live-boot", size="256M")
+            assert created["changed"] and created["size"] == 256 * 2**20
+        finally:
+            run(["umount", mount_point])
+    finally:
+        run(["losetup", "--detach", device])
+    return image
+
+
+@pytest.fixture(scope="module")
+def ssh_key(sandbox):
+    """A key for Ansible to reach the live system; its public half goes in over the console."""
+    key = os.path.join(sandbox, "backing-store", "e2e_key")
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "liveclone-e2e", "-f", key])
+    return key
+
+
+def start(machine, entry):
+    """Boot GRUB entry `entry` and log in as root on the serial console."""
+    machine.boot(entry=entry)
+    machine.login("root", ROOT_PASSWORD)
+    print("boot %d (entry %d): login prompt after %s s" % (machine.run_number, entry,
+                                                            machine.timings["login_prompt"]))
+
+
+def persistence_mount(machine):
+    """Where live-boot mounted the stick's partition, and the store's filesystem."""
+    mounts = json.loads(machine.check("findmnt -J -o TARGET,SOURCE,FSTYPE"))
+    flat = []
+
+    def walk(entries):
+        for entry in entries:
+            flat.append(entry)
+            walk(entry.get("children", []))
+
+    walk(mounts["filesystems"])
+    partition = next(entry for entry in flat if entry["source"] == "/dev/sda1")
+    store = next(entry for entry in flat if entry["target"].startswith("/run/live/persistence/")
+                 and entry["source"].startswith("/dev/loop"))
+    return partition["target"], store["target"]
+
+
+def changes_present(machine):
+    return {name: machine.run(command)[0] == 0 for name, command in CHANGES.items()}
+
+
+def test_backing_store_across_reboots_grow_and_off(live_iso, stick, ssh_key):
+    port = free_port()
+    # First persistent boot: change the system.
+    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick], ssh_port=port) as machine:
+        start(machine, PERSISTENT)
+        assert changes_present(machine) == dict.fromkeys(CHANGES, False)
+        machine.check("echo 'managed by the e2e test' > /etc/liveclone-e2e.conf")
+        machine.check("useradd --create-home e2e-user")
+        machine.check("echo 'written before the reboot' > /root/e2e-notes.txt")
+        # Data to compare after the grow: 20 MiB that do not compress.
+        machine.check("head -c 20M /dev/urandom > /root/e2e-random.bin")
+        before_sum = machine.check("sha256sum /root/e2e-random.bin").split()[0]
+        machine.poweroff()
+
+    # Second persistent boot: the changes are there. Grow the store while the
+    # live system runs on it, with backstore over SSH.
+    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick], ssh_port=port) as machine:
+        start(machine, PERSISTENT)
+        assert changes_present(machine) == dict.fromkeys(CHANGES, True)
+        partition, store = persistence_mount(machine)
+        size_before = int(machine.check("findmnt -n -b -o SIZE %s" % store))
+        with open(ssh_key + ".pub") as handle:
+            public_key = handle.read().strip()
+        machine.check("install -d -m 0700 /root/.ssh && echo '%s' > /root/.ssh/authorized_keys" % public_key)
+        machine.check("systemctl is-active ssh")
+        started = time.monotonic()
+        grown = ansible_module("liveclone.core.backstore", host="127.0.0.1", port=port,
+                               key=ssh_key,
+                               path=partition, layout="live-boot", size="512M")
+        print("online grow from 256 MiB to 512 MiB: %.1f s over SSH" % (time.monotonic() - started))
+        assert grown["changed"]
+        assert any("online" in operation for operation in grown["operations"]), grown["operations"]
+        size_after = int(machine.check("findmnt -n -b -o SIZE %s" % store))
+        assert size_after > size_before + 200 * 2**20, (size_before, size_after)
+        assert machine.check("sha256sum /root/e2e-random.bin").split()[0] == before_sum
+        again = ansible_module("liveclone.core.backstore", host="127.0.0.1", port=port,
+                               key=ssh_key,
+                               path=partition, layout="live-boot", size="512M")
+        assert not again["changed"]
+        machine.poweroff()
+
+    # A boot without the store: none of the changes.
+    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick]) as machine:
+        start(machine, PLAIN)
+        assert changes_present(machine) == dict.fromkeys(CHANGES, False)
+        assert machine.run("findmnt -n /dev/sda1")[0] != 0
+        machine.poweroff()
+
+    # And the next persistent boot has them back, in the grown store.
+    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick]) as machine:
+        start(machine, PERSISTENT)
+        assert changes_present(machine) == dict.fromkeys(CHANGES, True)
+        assert machine.check("sha256sum /root/e2e-random.bin").split()[0] == before_sum
+        _partition, store = persistence_mount(machine)
+        assert int(machine.check("findmnt -n -b -o SIZE %s" % store)) == size_after
+        machine.poweroff()
