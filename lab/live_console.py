@@ -164,9 +164,9 @@ class LiveMachine:
         self.mark = len(self.console)
         self.send(password.encode() + b"\n")
         self.expect(rb"[$#] $", 90)
-        # No echo and wide lines: the output of a command is only its output.
-        # Kernel messages stay off the console.
-        self.run("stty -echo cols 1000; dmesg -n 1 2>/dev/null || true")
+        # No echo, no prompt and wide lines: the output of a command is only
+        # its output. Kernel messages stay off the console.
+        self.run("stty -echo cols 1000; PS1=''; PS2=''; dmesg -n 1 2>/dev/null || true")
 
     def run(self, command, timeout=120):
         """(exit status, output) of a shell command line."""
@@ -176,12 +176,8 @@ class LiveMachine:
         # command line the terminal may echo.
         self.send(b"%s; echo \"__LC%d=$?=E\"\"ND\"\n" % (command.encode(), number))
         match = self.expect(rb"__LC%d=(\d+)=END" % number, timeout)
-        output = self.console[self.mark:match.start()]
-        output = self.text(output)
-        # Drop an echoed command line, if the terminal still echoed.
-        if "__LC%d=" % number in output:
-            output = output[output.index("__LC%d=" % number):].split("\n", 1)[-1] if "\n" in output else ""
-        return int(match.group(1)), output.strip("\n")
+        output = self.text(self.console[self.mark:match.start()])
+        return int(match.group(1)), output.strip()
 
     def check(self, command, timeout=120):
         rc, output = self.run(command, timeout)

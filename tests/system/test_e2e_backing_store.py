@@ -59,12 +59,16 @@ def stick(sandbox):
     image = os.path.join(sandbox, "backing-store", "stick.raw")
     run(["truncate", "--size", "1G", image])
     run(["sfdisk", "--quiet", image], input="label: dos\n,,L\n")
-    device = run(["losetup", "--find", "--show", "--partscan", image]).stdout.strip()
+    # The partition through a loop device of its own: without udev, no
+    # /dev/loopNp1 node appears for a partitioned loop device here.
+    (partition,) = json.loads(run(["sfdisk", "--json", image]).stdout)["partitiontable"]["partitions"]
+    device = run(["losetup", "--find", "--show", "--offset", str(partition["start"] * 512),
+                  "--sizelimit", str(partition["size"] * 512), image]).stdout.strip()
     mount_point = os.path.join(sandbox, "backing-store", "stick")
     os.makedirs(mount_point)
     try:
-        run(["mkfs.ext4", "-q", "-L", "LIVESTICK", device + "p1"])
-        run(["mount", device + "p1", mount_point])
+        run(["mkfs.ext4", "-q", "-L", "LIVESTICK", device])
+        run(["mount", device, mount_point])
         try:
             created = ansible_module("liveclone.core.backstore", path=mount_point, layout="live-boot", size="256M")
             assert created["changed"] and created["size"] == 256 * 2**20
