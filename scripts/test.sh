@@ -11,6 +11,23 @@ bootstrap test
 stage_collection
 PY=$VENV/bin/python
 
+# molecule_lane SCENARIO...: runs the scenarios one after another; stops at
+# the first that fails, after printing the end of its log.
+molecule_lane() {
+    local scenario log started
+    for scenario in "$@"; do
+        log=$STAGE_ROOT/molecule-$scenario.log
+        started=$SECONDS
+        if (cd "$COLLECTION_DIR" && molecule test --scenario-name "$scenario") >"$log" 2>&1; then
+            echo "molecule $scenario: passed in $((SECONDS - started)) s"
+        else
+            echo "molecule $scenario: FAILED after $((SECONDS - started)) s; the end of $log:"
+            tail -n 80 "$log"
+            return 1
+        fi
+    done
+}
+
 for tier in "${tiers[@]}"; do
     case $tier in
     ruff)
@@ -40,11 +57,18 @@ for tier in "${tiers[@]}"; do
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -s -p no:cacheprovider tests/system/test_e2e_*.py) ;;
     molecule)
-        step "Molecule scenarios on lab VMs (QEMU, TCG)"
-        # Each scenario boots its own VMs and destroys them, even when it fails.
-        for scenario in backstore rootfs_backup live_iso backup_then_build; do
-            (cd "$COLLECTION_DIR" && time molecule test --scenario-name "$scenario")
-        done ;;
+        step "Molecule scenarios on lab VMs (QEMU, TCG), two lanes side by side"
+        # A VM under emulation keeps about one core busy, so two lanes use
+        # both. Each scenario boots its own VMs and destroys them, even when
+        # it fails; its output goes to a log, shown when it fails.
+        molecule_lane backup_then_build backstore &
+        lane_one=$!
+        molecule_lane rootfs_backup live_iso &
+        lane_two=$!
+        failed=0
+        wait "$lane_one" || failed=1
+        wait "$lane_two" || failed=1
+        [ "$failed" = 0 ] || die "a Molecule scenario failed" ;;
     *) die "unknown tier $tier" ;;
     esac
 done

@@ -194,7 +194,10 @@ class Current:
 
     @property
     def mount_point(self):
-        """Where the store is in use, leaving out our own leftover mounts."""
+        """Where the store is in use, leaving out our own leftover mounts. With
+        one loop device, several mount points are one filesystem seen in
+        several places (live-boot bind-mounts /run/live under /usr/lib/live/mount):
+        the first, in mount order, is the original."""
         live = self.live_mount_points
         return live[0] if live else None
 
@@ -353,10 +356,6 @@ def _check_existing(desired, current):
             raise BackstoreError(
                 "%s is attached to %s with an offset or size limit; this module only "
                 "manages whole-file loop devices" % (desired.path, loop["name"]))
-    if len(current.live_mount_points) > 1:
-        raise BackstoreError(
-            "%s is mounted more than once (%s); unmount all but one" % (
-                desired.path, ", ".join(current.live_mount_points)))
 
 
 def _plan_absent(desired, current):

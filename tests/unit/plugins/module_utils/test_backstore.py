@@ -299,3 +299,12 @@ def test_create_is_atomic_and_cleans_up_on_failure(tmp_path):
     mkfs = module.calls[0]
     assert mkfs[:3] == ["/usr/sbin/mkfs.ext4", "-q", "-F"] and len(mkfs) == 4
     assert os.path.basename(mkfs[-1]).startswith(".store.img" + bs.TEMP_INFIX)
+
+
+def test_a_store_seen_at_two_mount_points_grows_online_through_the_first():
+    """live-boot bind-mounts /run/live under /usr/lib/live/mount: one filesystem, two paths."""
+    now = existing(loop_devices=LOOP, can_resize_ext_online=True,
+                   mount_points=["/run/live/persistence/loop1", "/usr/lib/live/mount/persistence/loop1"])
+    operations = bs.plan(desired(size="512M"), now)
+    assert [operation.action for operation in operations] == ["extend_file", "refresh_loop", "grow_filesystem"]
+    assert operations[-1].text.endswith("online on /run/live/persistence/loop1")
