@@ -91,8 +91,8 @@ def start(machine, entry):
     """Boot GRUB entry `entry` and log in as root on the serial console."""
     machine.boot(entry=entry)
     machine.login("root", ROOT_PASSWORD)
-    print("boot %d (entry %d): login prompt after %s s" % (machine.run_number, entry,
-                                                            machine.timings["login_prompt"]))
+    print("boot %d (entry %d): login prompt after %s s"
+          % (machine.run_number, entry, machine.timings["login_prompt"]))
 
 
 def persistence_mount(machine):
