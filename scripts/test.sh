@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
-# unit tests, integration tests, system tests, Molecule scenarios on lab VMs. Installs what it needs; safe to run again.
+# unit tests, integration tests, system tests, end-to-end workflows on booted
+# machines (and, on request, Molecule scenarios on lab VMs). Installs what it
+# needs; safe to run again.
 # Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration system e2e molecule)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tiers=("$@")
-[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system)
+[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system e2e)
 
 bootstrap test
 stage_collection
