@@ -2,6 +2,10 @@
 a GRUB entry, log in, run commands, power off. Used by the end-to-end tests
 and the main command.
 
+usage: live_console.py ISO USER PASSWORD
+  boots the ISO's first entry, logs in, and prints JSON: the GRUB menu, the
+  login prompt and when it came, and the user's groups.
+
     with LiveMachine(iso, work_dir, disks=[stick], ssh_port=port) as machine:
         machine.boot(entry=1)              # the second menu entry
         machine.login("root", "secret")
@@ -16,12 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+
+from lab import CPU_MODEL
 
 GRUB_MARKER = b"Live system ("
 DOWN_ARROW = b"\x1b[B"
@@ -55,7 +64,7 @@ class LiveMachine:
     # --- the QEMU process --------------------------------------------------
 
     def _argv(self, sock_path):
-        argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64", "-m", str(self.memory_mib), "-smp", "2",
+        argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", CPU_MODEL, "-m", str(self.memory_mib), "-smp", "2",
                 "-cdrom", self.iso, "-boot", "d", "-display", "none", "-monitor", "none",
                 "-serial", "unix:%s,server=on,wait=on" % sock_path]
         if self.firmware == "uefi":
@@ -144,7 +153,9 @@ class LiveMachine:
     def boot(self, entry=0, timeout=400):
         """Wait for GRUB's menu, choose entry (0 = first) and wait for the login prompt."""
         self.expect(re.escape(GRUB_MARKER), timeout)
-        time.sleep(1)  # the whole menu drawn; GRUB's countdown stops at the first key
+        # GRUB prints its countdown once the whole menu is drawn; the first
+        # key stops it.
+        self.expect(rb"executed automatically", 60)
         self.send(DOWN_ARROW * entry + b"\r")
         self.timings["menu"] = round(time.monotonic() - self.started, 1)
         self.mark = len(self.console)
@@ -153,8 +164,8 @@ class LiveMachine:
 
     def menu(self):
         """The GRUB menu entries the console showed."""
-        return sorted({line.strip(" *|") for line in self.text().splitlines() if "Live system (" in line
-                       and not line.strip().startswith("Booting")})
+        return sorted({line.strip(" *|") for line in self.text().splitlines()
+                       if "Live system" in line and not line.strip().startswith("Booting")})
 
     def login(self, user, password):
         time.sleep(3)  # getty settles after printing the prompt
@@ -203,3 +214,25 @@ class LiveMachine:
                 if not chunk:
                     return
                 self.console += chunk
+
+
+def main(argv):
+    if len(argv) != 3:
+        raise SystemExit(__doc__)
+    iso, user, password = argv
+    work = tempfile.mkdtemp(prefix="live-console-")
+    try:
+        with LiveMachine(iso, work) as machine:
+            machine.boot(entry=0)
+            prompt = [line.strip() for line in machine.text().splitlines() if line.rstrip().endswith("login:")]
+            machine.login(user, password)
+            seen = {"menu": machine.menu(), "prompt": prompt[-1:],
+                    "seconds_to_login_prompt": machine.timings["login_prompt"],
+                    "groups": machine.check("id -nG").split()}
+    finally:
+        shutil.rmtree(work)
+    print(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

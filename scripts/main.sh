@@ -10,7 +10,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 DEMO_DIR=${LIVECLONE_DEMO_DIR:-/var/tmp/liveclone-demo}
 LAB_STATE=$DEMO_DIR/lab
 ARTIFACTS=$DEMO_DIR/artifacts
-BOOT_ISO=$REPO/tests/integration/targets/setup_module_runner/files/boot_iso.py
 declare -a stage_times=()
 ticker_pid=
 
@@ -55,7 +54,7 @@ timed "backup_then_build.yml against the VM" - \
     -e live_iso_live_password=live -e "liveclone_artifact_dir=$ARTIFACTS" "$@"
 iso=$ARTIFACTS/demo/live.iso
 timed "boot the fetched ISO in QEMU (BIOS, TCG)" "$DEMO_DIR/boot.json" \
-    "$VENV/bin/python" "$BOOT_ISO" "$iso" bios live live 600
+    "$VENV/bin/python" "$REPO/lab/live_console.py" "$iso" live live
 
 step "proof"
 "$VENV/bin/python" - "$DEMO_DIR/boot.json" "$iso" <<'PY'

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -53,3 +55,27 @@ def write_atomically(module, path, text, mode=0o644):
         os.fsync(handle.fileno())
     os.chmod(temp, mode)
     module.atomic_move(temp, path)
+
+
+def create_file(path, text="", mode=0o644):
+    """Write text to path as a new file. Whatever was at path, a symlink
+    included, is replaced, never written through: a link planted in a backup
+    volume must not turn a marker into a write to the link's target."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def read_file(path, limit=None):
+    """The text of the regular file at path; None if it is missing, not a
+    regular file, or a symlink (which is never followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        return handle.read(limit if limit is not None else -1).decode("utf-8", "replace")

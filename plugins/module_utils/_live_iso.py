@@ -31,7 +31,7 @@ import tempfile
 import time
 
 from ._command import CommandError
-from ._fs import is_within, read_mounts, write_atomically
+from ._fs import create_file, is_within, read_mounts, write_atomically
 from ._rsync import RSYNC_VANISHED, copy_argv
 from ._snapper_cache import (
     BTRFS_SUBVOLUME_INODE,
@@ -251,7 +251,7 @@ class IsoBuilder:
         return self.dest + MANIFEST_SUFFIX
 
     def up_to_date(self, source, digest):
-        if self.params["force"] or not os.path.isfile(self.dest):
+        if self.params["force"] or os.path.islink(self.dest) or not os.path.isfile(self.dest):
             return None
         try:
             with open(self.manifest_path()) as handle:
@@ -284,6 +284,16 @@ class IsoBuilder:
             self._remove_work(path)
             self.operations.append("removed %s left by an interrupted build" % path)
 
+    def temp_iso_prefix(self):
+        return "." + os.path.basename(self.dest) + ".tmp-"
+
+    def remove_stale_isos(self):
+        # The caller holds the lock on dest's directory: no build of ours is writing these.
+        pattern = os.path.join(os.path.dirname(self.dest), glob.escape(self.temp_iso_prefix()) + "*")
+        for path in sorted(glob.glob(pattern)):
+            os.unlink(path)
+            self.operations.append("removed %s left by an interrupted build" % path)
+
     def _remove_work(self, path):
         for point in mounts_under(path):
             self.runner.run(["umount", point])
@@ -305,6 +315,7 @@ class IsoBuilder:
         if not os.path.isdir(parent):
             raise IsoError("work_dir %s does not exist" % parent)
         self.remove_stale_work(parent)
+        self.remove_stale_isos()
         work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent)
         temp_iso = None
         try:
@@ -325,7 +336,7 @@ class IsoBuilder:
             with self._stage("bootloader"):
                 self._boot_files(rootfs, iso_root)
             with self._stage("iso"):
-                fd, temp_iso = tempfile.mkstemp(prefix="." + os.path.basename(self.dest) + ".tmp-",
+                fd, temp_iso = tempfile.mkstemp(prefix=self.temp_iso_prefix(),
                                                 dir=os.path.dirname(self.dest))
                 os.close(fd)
                 self._make_iso(iso_root, temp_iso, source.epoch, work)
@@ -748,8 +759,8 @@ def _append_db(rootfs, name, fields):
 
 
 def _write(path, text, mode=0o644):
-    with open(path, "w") as handle:
-        handle.write(text)
+    # A copied tree may hold absolute symlinks (etc/hosts -> /etc/...): replace, never follow.
+    create_file(path, text, mode)
     os.chmod(path, mode)
 
 

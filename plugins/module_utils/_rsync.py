@@ -25,7 +25,7 @@ _ITEMIZED = re.compile(r"^(?:[<>ch.][fdLDS][.+?a-zA-Z ]{9,10} |\*deleting )")
 # A directory whose only change is its mtime: an entry in it was created and
 # removed again (/tmp, /run on a running host). rsync still copies the time,
 # but it is no reason for a new snapshot.
-_DIRECTORY_TIME_ONLY = re.compile(r"^\.d\.\.t\.{5,6} ")
+_DIRECTORY_TIME_ONLY = re.compile(r"^\.d\.\.t\.{6} ")
 _STAT = {
     "files_total": r"^Number of files: ([\d,]+)",
     "files_transferred": r"^Number of regular files transferred: ([\d,]+)",

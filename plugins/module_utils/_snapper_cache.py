@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._backup_meta import format_meta, human_size, parse_meta
 from ._command import CommandError
-from ._fs import MOUNTINFO, is_within, read_mounts, write_atomically
+from ._fs import MOUNTINFO, create_file, is_within, read_file, read_mounts, write_atomically
 from ._rsync import RSYNC_VANISHED, copy_argv, parse_output
 
 CACHE_NAME = ".rootfs_cache"
@@ -230,9 +230,9 @@ class CacheReader:
             cache.snapshots += self._snapper_snapshots(cache)
         if cache.snapshots_dir_exists:
             cache.snapshots += self._legacy_snapshots(cache)
-        if os.path.isfile(cache.meta_path):
-            with open(cache.meta_path) as handle:
-                cache.meta = parse_meta(handle.read())
+        meta_text = read_file(cache.meta_path)
+        if meta_text is not None:
+            cache.meta = parse_meta(meta_text)
         cache.pending = os.path.exists(os.path.join(base_dir, PENDING_NAME))
         return cache
 
@@ -340,9 +340,7 @@ class CacheLock:
                 return self
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = "holder unknown"
-                    with contextlib.suppress(OSError), open(self.holder_path) as handle:
-                        holder = handle.read().strip()
+                    holder = (read_file(self.holder_path, limit=200) or "holder unknown").strip()
                     os.close(self.fd)
                     raise CacheError(
                         "%s is locked by another run (%s); waited %d s. Try again when it has "
@@ -350,9 +348,8 @@ class CacheLock:
                 time.sleep(0.2)
 
     def claim(self):
-        with open(self.holder_path, "w") as handle:
-            handle.write("pid %d on %s since %s\n" % (
-                os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")))
+        create_file(self.holder_path, "pid %d on %s since %s\n" % (
+            os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")))
         self.claimed = True
 
     def __exit__(self, *exc):
@@ -567,8 +564,7 @@ class CacheManager:
             lock.claim()
             self._apply_layout(layout, cache, versioning)
             pending_path = os.path.join(self.base_dir, PENDING_NAME)
-            with open(pending_path, "w"):
-                pass
+            create_file(pending_path)
             stats = self._rsync(source, cache.cache_dir, excludes, False, protect, True)
             self._describe_copy(stats, source, cache, dry_run=False)
             created = None

@@ -7,33 +7,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLLECTION_DIR = REPO
+# The lab (lab.py, live_console.py): VMs and serial consoles for the e2e tests;
+# tests/lib: the sandbox shared with the reliability tier.
+sys.path.insert(0, os.path.join(REPO, "lab"))
+sys.path.insert(0, os.path.join(REPO, "tests/lib"))
+from sandbox import require_root_namespace  # noqa: E402  (after the path insert)
+from sandbox import sandbox as liveclone_sandbox  # noqa: E402
+
 BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
-# Host files the roles write, covered by copies inside the namespace.
-COVERED = ("/etc/snapper", "/etc/default/snapper", "/etc/fstab")
 
 
 def run(argv, **kwargs):
     return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ansible_module(module, host=None, port=None, key=None, check=False, **arguments):
+def ansible_module(module, host=None, port=None, key=None, **arguments):
     """The result of one module run (ad hoc), on this machine or over SSH on host:port as root.
     Fails the test with the module's message when the module fails."""
     if host:
@@ -46,8 +42,6 @@ def ansible_module(module, host=None, port=None, key=None, check=False, **argume
         inventory = ["-i", "localhost,", "-c", "local", "-e", "ansible_python_interpreter=%s" % sys.executable]
         pattern = "localhost"
     argv = ["ansible", pattern, *inventory, "-m", module, "-a", json.dumps(arguments)]
-    if check:
-        argv.append("--check")
     env = dict(os.environ, ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json",
                ANSIBLE_PIPELINING="1")
     out = subprocess.run(argv, text=True, capture_output=True, env=env, check=False)
@@ -60,55 +54,14 @@ def ansible_module(module, host=None, port=None, key=None, check=False, **argume
     return result
 
 
-def in_private_mount_namespace():
-    own = os.readlink("/proc/self/ns/mnt")
-    pid = os.getppid()
-    while pid > 1:
-        try:
-            if os.readlink("/proc/%d/ns/mnt" % pid) != own:
-                return True
-            with open("/proc/%d/stat" % pid) as handle:
-                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            return False
-    return False
-
-
-def mounted_under(path):
-    with open("/proc/self/mountinfo") as handle:
-        targets = [line.split()[4] for line in handle]
-    return [target for target in targets if target == path or target.startswith(path + "/")]
-
-
 @pytest.fixture(scope="session")
 def sandbox():
     """A work directory, with /etc/snapper, /etc/default/snapper and /etc/fstab covered by copies."""
-    if os.geteuid() != 0:
-        pytest.fail("the system tests need root: run them through scripts/test.sh")
-    if not in_private_mount_namespace():
-        pytest.fail("not in a private mount namespace: run the system tests through scripts/test.sh")
-    work = tempfile.mkdtemp(prefix="liveclone-system-", dir="/var/tmp")
-    covered = []
-    try:
-        for path in COVERED:
-            copy = os.path.join(work, "etc", path.strip("/").replace("/", "_"))
-            if os.path.isdir(path):
-                shutil.copytree(path, copy)
-            else:
-                os.makedirs(os.path.dirname(copy), exist_ok=True)
-                shutil.copy2(path, copy)
-            run(["mount", "--bind", copy, path])
-            covered.append(path)
+    problem = require_root_namespace("system")
+    if problem:
+        pytest.fail(problem)
+    with liveclone_sandbox("liveclone-system-") as work:
         yield work
-    finally:
-        for path in reversed(covered):
-            subprocess.run(["umount", path], check=False)
-        leftovers = mounted_under(work)
-        for target in sorted(leftovers, reverse=True):
-            subprocess.run(["umount", target], check=False)
-        if mounted_under(work):
-            raise RuntimeError("%s still has mounts; not removing it" % work)
-        shutil.rmtree(work)
 
 
 @pytest.fixture(scope="session")

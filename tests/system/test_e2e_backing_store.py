@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import pytest
-from conftest import REPO, ansible_module, free_port, run
+from conftest import ansible_module, run
+from live_console import LiveMachine
 
-sys.path.insert(0, os.path.join(REPO, "lab"))
-from live_console import LiveMachine  # noqa: E402
+from lab import free_port
 
 ROOT_PASSWORD = "e2e-root"
 # GRUB entries, in the order live_iso writes them.
@@ -97,15 +96,7 @@ def start(machine, entry):
 
 def persistence_mount(machine):
     """Where live-boot mounted the stick's partition, and the store's filesystem."""
-    mounts = json.loads(machine.check("findmnt -J -o TARGET,SOURCE,FSTYPE"))
-    flat = []
-
-    def walk(entries):
-        for entry in entries:
-            flat.append(entry)
-            walk(entry.get("children", []))
-
-    walk(mounts["filesystems"])
+    flat = json.loads(machine.check("findmnt --list -J -o TARGET,SOURCE"))["filesystems"]
     partition = next(entry for entry in flat if entry["source"] == "/dev/sda1")
     store = next(entry for entry in flat if entry["target"].startswith("/run/live/persistence/")
                  and entry["source"].startswith("/dev/loop"))

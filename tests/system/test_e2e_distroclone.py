@@ -18,9 +18,9 @@ import time
 
 import pytest
 from conftest import REPO, run
+from live_console import LiveMachine
 
-sys.path.insert(0, os.path.join(REPO, "lab"))
-from live_console import LiveMachine  # noqa: E402
+from lab import ssh_argv
 
 LAB = [sys.executable, os.path.join(REPO, "lab/lab.py")]
 BASE = "/mnt/debian_backup"
@@ -61,10 +61,7 @@ def vm(sandbox):
 
 
 def ssh(vm, command, check=True):
-    argv = ["ssh", "-i", vm["key"], "-p", str(vm["port"]), "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
-            "root@127.0.0.1", command]
-    return subprocess.run(argv, text=True, capture_output=True, check=check)
+    return subprocess.run(ssh_argv(vm, command), text=True, capture_output=True, check=check)
 
 
 def playbook(vm, text, result_var, **extravars):

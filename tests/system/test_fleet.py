@@ -17,7 +17,8 @@ import subprocess
 import ansible_runner
 import pytest
 import yaml
-from conftest import mounted_under, run
+from conftest import run
+from sandbox import mounted_under
 
 HOSTS = ("alpha", "bravo", "charlie")
 
