@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
-# unit tests, integration tests, system tests, end-to-end workflows on booted
+# unit tests, integration tests, system tests, the reliability suite (faults,
+# full disks, bad input, planted symlinks), end-to-end workflows on booted
 # machines (and, on request, Molecule scenarios on lab VMs). Installs what it
 # needs; safe to run again.
-# Usage: scripts/test.sh [TIER...]   (tiers: ruff lint sanity units integration system e2e molecule)
+# Usage: scripts/test.sh [TIER...]
+#   (tiers: ruff lint sanity units integration system reliability e2e molecule)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tiers=("$@")
-[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system e2e)
+[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system reliability e2e)
 
 bootstrap test
 stage_collection
@@ -54,6 +56,10 @@ for tier in "${tiers[@]}"; do
         step "system tests (the built collection, run through ansible-runner, private mount namespace)"
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -p no:cacheprovider --ignore-glob='*/test_e2e_*' tests/system) ;;
+    reliability)
+        step "reliability suite (SIGKILL faults, full disks, bad input, symlinks; private mount namespace)"
+        (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
+            "$PY" -m pytest -q -p no:cacheprovider tests/reliability) ;;
     e2e)
         step "end-to-end workflows on booted machines (QEMU, TCG; private mount namespace)"
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ansible.module_utils.common.text.formatters import human_to_bytes
 
 from ._command import CommandError
-from ._fs import MOUNTINFO, read_mounts
+from ._fs import MOUNTINFO, check_real_path, read_mounts
 
 MIB = 1024 * 1024
 
@@ -142,6 +142,13 @@ class Desired:
                 "or to the directory that holds it" % path
             )
         path = os.path.normpath(path)
+        if path == "/":
+            raise BackstoreError(
+                "path / would put the store in the root directory of this host; give the path of an "
+                "image file on the stick or data partition, such as /mnt/usb/persistence")
+        problem = check_real_path("path", path)
+        if problem:
+            raise BackstoreError(problem)
         if os.path.isdir(path):
             path = os.path.join(path, layout.file_name.format(label=label))
         size = parse_size(params["size"]) if params["size"] is not None else None

@@ -14,6 +14,10 @@ import tempfile
 from dataclasses import dataclass
 
 MOUNTINFO = "/proc/self/mountinfo"
+# Kernel filesystems: nothing the modules make may be put on them.
+PSEUDO_FSTYPES = frozenset((
+    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+    "pstore", "bpf", "configfs", "fusectl", "efivarfs", "mqueue", "hugetlbfs", "autofs", "binfmt_misc"))
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,39 @@ def read_mounts(mountinfo=MOUNTINFO):
                                 post_fields[0] if post_fields else "",
                                 _unescape(post_fields[1]) if len(post_fields) > 1 else ""))
     return mounts
+
+
+def mount_of(path, mounts=None):
+    """The mount that holds path (the nearest existing ancestor of it)."""
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    path = os.path.realpath(path)
+    return max((m for m in mounts or read_mounts() if is_within(path, m.point)), key=lambda m: len(m.point))
+
+
+def symlink_on(path, include_last=True):
+    """The first component of the absolute path that is a symlink, or None.
+    A path through a link lands somewhere other than it says."""
+    parts = os.path.normpath(path).split("/")[1:]
+    current = "/"
+    for part in parts if include_last else parts[:-1]:
+        current = os.path.join(current, part)
+        if os.path.islink(current):
+            return current
+    return None
+
+
+def check_real_path(name, path, include_last=True):
+    """None, or the message refusing parameter `name` = path because it runs
+    through a symlink or lies on a kernel filesystem."""
+    link = symlink_on(path, include_last)
+    if link:
+        return ("%s %s runs through the symlink %s (to %s); give the real path, %s" % (
+            name, path, link, os.readlink(link), os.path.realpath(path)))
+    fstype = mount_of(path).fstype
+    if fstype in PSEUDO_FSTYPES:
+        return "%s %s is on the kernel's %s filesystem; choose a path on a disk" % (name, path, fstype)
+    return None
 
 
 def is_within(path, parent):

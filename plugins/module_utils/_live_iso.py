@@ -31,7 +31,7 @@ import tempfile
 import time
 
 from ._command import CommandError
-from ._fs import create_file, is_within, read_mounts, write_atomically
+from ._fs import check_real_path, create_file, is_within, read_mounts, write_atomically
 from ._rsync import RSYNC_VANISHED, copy_argv
 from ._snapper_cache import (
     BTRFS_SUBVOLUME_INODE,
@@ -46,6 +46,10 @@ from ._snapper_cache import (
 
 WORK_PREFIX = ".liveclone-iso-work-"
 MANIFEST_SUFFIX = ".manifest.json"
+MIB = 1024 * 1024
+# What grub-mkrescue adds to the files of the ISO tree: its BIOS and EFI images.
+ISO_OVERHEAD = 32 * MIB
+HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 MANIFEST_VERSION = 1
 CLONE_NEWNS = 0x00020000
 
@@ -122,9 +126,12 @@ class IsoBuilder:
             if not base_dir:
                 raise IsoError("source cache needs cache_dir, the base_dir of a snapper_cache")
             reader = CacheReader(self.runner, Snapper(self.runner, self.params["snapper_config"]))
+            if not os.path.isdir(base_dir):
+                raise IsoError("cache_dir %s does not exist; give the base_dir of a snapper_cache backup "
+                               "(mount its volume first), or use source: path" % base_dir)
             cache = reader.read(os.path.normpath(base_dir))
             if not cache.snapshots:
-                raise IsoError("%s holds no snapshot; back it up with liveclone.core.snapper_cache "
+                raise IsoError("cache_dir %s holds no snapshot; back it up with liveclone.core.snapper_cache "
                                "first, or use source: path" % base_dir)
             wanted = str(self.params["snapshot"])
             snapshot = cache.newest() if wanted == "latest" else next(
@@ -144,10 +151,27 @@ class IsoBuilder:
         else:
             source = Source("live", "/")
         if not os.path.isdir(os.path.join(source.root, "etc")):
-            raise IsoError("%s does not look like a root filesystem (no etc/)" % source.root)
+            what = {"cache": "snapshot", "path": "source_path", "live": "source live"}[kind]
+            if not os.path.isdir(source.root):
+                raise IsoError("%s %s does not exist; give the root of a system tree (a directory with "
+                               "etc/ and boot/)" % (what, source.root))
+            raise IsoError("%s %s does not look like a root tree (no etc/); give the root of a system "
+                           "tree (a directory with etc/ and boot/)" % (what, source.root))
+        if kind == "path":
+            self._check_outside_source(source.root)
         self._check_family(source.root)
         self._identify(source)
         return source
+
+    def _check_outside_source(self, root):
+        """dest and work_dir inside a source tree would be copied into the next build (and
+        the copy into itself)."""
+        root = os.path.realpath(root)
+        for name in ("dest", "work_dir"):
+            path = self.dest if name == "dest" else self.params["work_dir"]
+            if path and is_within(os.path.realpath(path), root):
+                raise IsoError("%s %s is inside the source tree %s, so the build would copy its own output; "
+                               "choose a %s outside the source" % (name, path, root, name))
 
     def _check_family(self, root):
         release = read_os_release(os.path.join(root, "etc/os-release"))
@@ -288,8 +312,10 @@ class IsoBuilder:
         return "." + os.path.basename(self.dest) + ".tmp-"
 
     def remove_stale_isos(self):
-        # The caller holds the lock on dest's directory: no build of ours is writing these.
-        pattern = os.path.join(os.path.dirname(self.dest), glob.escape(self.temp_iso_prefix()) + "*")
+        """Remove temporary copies of the ISO, its manifest and checksums (.NAME.*)
+        that a killed build left. The caller holds the lock on dest's directory,
+        so no build of ours is writing them."""
+        pattern = os.path.join(os.path.dirname(self.dest), "." + glob.escape(os.path.basename(self.dest)) + ".*")
         for path in sorted(glob.glob(pattern)):
             os.unlink(path)
             self.operations.append("removed %s left by an interrupted build" % path)
@@ -339,6 +365,7 @@ class IsoBuilder:
                 fd, temp_iso = tempfile.mkstemp(prefix=self.temp_iso_prefix(),
                                                 dir=os.path.dirname(self.dest))
                 os.close(fd)
+                self._check_room(iso_root)
                 self._make_iso(iso_root, temp_iso, source.epoch, work)
                 os.chmod(temp_iso, 0o644)
                 checksum = _sha256(temp_iso)
@@ -621,6 +648,23 @@ class IsoBuilder:
                       "}", ""]
         return "\n".join(lines)
 
+    def _check_room(self, iso_root):
+        """Refuse before writing when the ISO cannot fit beside dest."""
+        needed = sum(os.path.getsize(os.path.join(directory, name))
+                     for directory, _dirs, files in os.walk(iso_root) for name in files) + ISO_OVERHEAD
+        self._refuse_if_full(needed)
+
+    def _refuse_if_full(self, needed=None, detail=""):
+        directory = os.path.dirname(self.dest)
+        info = os.statvfs(directory)
+        free = info.f_bavail * info.f_frsize
+        if needed is not None and free >= needed:
+            return
+        raise IsoError("not enough free space for the ISO in %s: %s%d MiB free; free space there or choose a "
+                       "dest on a larger filesystem. The earlier ISO, if any, was left as it was.%s" % (
+                           directory, "about %d MiB needed, " % (needed // MIB) if needed else "",
+                           free // MIB, detail))
+
     def _make_iso(self, iso_root, output, epoch, work):
         stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
         argv = ["env", "SOURCE_DATE_EPOCH=%d" % epoch, "grub-mkrescue", "--output", output, iso_root, "--",
@@ -630,6 +674,8 @@ class IsoBuilder:
         try:
             self.runner.run(argv)
         except CommandError as error:
+            if "No space left on device" in str(error) or "exceeds free space on media" in str(error):
+                self._refuse_if_full(detail=" (No space left on device)")
             raise IsoError("making the ISO failed: %s" % error) from None
         if not os.path.getsize(output):
             raise IsoError("grub-mkrescue made an empty ISO")
@@ -684,6 +730,7 @@ def run(module, runner, params, check_mode):
         raise IsoError("compression %s takes no compression_level; leave it unset" % params["compression"])
     if len(params["label"]) > 32:
         raise IsoError("label %r is longer than the 32 characters an ISO volume id holds" % params["label"])
+    check_params(params, builder.dest)
     fd = os.open(dest_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -704,6 +751,30 @@ def run(module, runner, params, check_mode):
     if manifest:
         result.update(size=manifest["size"], sha256=manifest["sha256"], squashfs=manifest["squashfs"])
     return result, builder.warnings
+
+
+def check_params(params, dest):
+    """Refuse what no build could use, before anything is read or written."""
+    problem = check_real_path("dest", dest, include_last=False)
+    if problem:
+        raise IsoError(problem)
+    if os.path.isdir(dest):
+        raise IsoError("dest %s is a directory; give the ISO's file name, such as %s" % (
+            dest, os.path.join(dest, "live.iso")))
+    size = params["block_size"]
+    if size < 4096 or size > 1048576 or size & (size - 1):
+        raise IsoError("block_size %d is not a power of two from 4096 to 1048576 (what mksquashfs takes); "
+                       "use 131072, or 1048576 (the default)" % size)
+    if not HOSTNAME.match(params["hostname"]):
+        raise IsoError("hostname %r is not a host name; use letters, digits and '-' (at most 63, not "
+                       "starting or ending with '-')" % params["hostname"])
+    work_dir = params["work_dir"]
+    if work_dir:
+        problem = check_real_path("work_dir", work_dir)
+        if problem:
+            raise IsoError(problem)
+        if not os.path.isdir(work_dir):
+            raise IsoError("work_dir %s does not exist; create it first, or leave work_dir unset" % work_dir)
 
 
 def initramfs_boots_live(entries):

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._backup_meta import format_meta, human_size, parse_meta
 from ._command import CommandError
-from ._fs import MOUNTINFO, create_file, is_within, read_file, read_mounts, write_atomically
+from ._fs import MOUNTINFO, check_real_path, create_file, is_within, read_file, read_mounts, write_atomically
 from ._rsync import RSYNC_VANISHED, copy_argv, parse_output
 
 CACHE_NAME = ".rootfs_cache"
@@ -40,6 +40,8 @@ META_NAME = ".backup_meta"
 # Who holds the lock; and a marker that a copy started and was not yet versioned.
 HOLDER_NAME = ".liveclone.lock"
 PENDING_NAME = ".liveclone-pending"
+# snapper keeps each config in /etc/snapper/configs/NAME: no path separators.
+SNAPPER_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 STANDARD_EXCLUDES = [
     "/dev/*", "/proc/*", "/sys/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*", "/lost+found",
@@ -113,6 +115,8 @@ class Cache:
     snapshots: list = field(default_factory=list)
     meta: dict | None = None
     pending: bool = False
+    # .snapshots/N directories snapper does not list (no info.xml): a create that was killed.
+    incomplete: list = field(default_factory=list)
 
     @property
     def cache_dir(self):
@@ -201,6 +205,10 @@ class Snapper:
         self.run("-c", self.config, "delete-config")
 
 
+def _last_lines(text, count):
+    return "\n".join(text.strip().splitlines()[-count:])
+
+
 def _userdata_value(text):
     # snapper's userdata is "k=v,k=v": keep commas and equals signs out.
     return re.sub(r"[,=]", " ", str(text)).strip()
@@ -230,6 +238,12 @@ class CacheReader:
             cache.snapshots += self._snapper_snapshots(cache)
         if cache.snapshots_dir_exists:
             cache.snapshots += self._legacy_snapshots(cache)
+        if cache.snapper_manages_cache and cache.snapshots_dir_exists:
+            listed = {snap.name for snap in cache.snapshots if snap.kind == "snapper"}
+            cache.incomplete = [
+                os.path.join(cache.snapshots_dir, name) for name in sorted(os.listdir(cache.snapshots_dir))
+                if name.isdigit() and name not in listed
+                and not os.path.exists(os.path.join(cache.snapshots_dir, name, "info.xml"))]
         meta_text = read_file(cache.meta_path)
         if meta_text is not None:
             cache.meta = parse_meta(meta_text)
@@ -387,6 +401,15 @@ class CacheManager:
         if self.base_dir == "/":
             raise CacheError("base_dir / would put the cache over the root filesystem; give a "
                              "directory such as /mnt/debian_backup")
+        problem = check_real_path("base_dir", self.base_dir)
+        if problem:
+            raise CacheError(problem)
+        if self.params["lock_timeout"] < 0:
+            raise CacheError("lock_timeout is %d; set lock_timeout to 0 or more (the seconds to wait "
+                             "for another run on the same base_dir)" % self.params["lock_timeout"])
+        if not SNAPPER_CONFIG_NAME.match(self.snapper.config):
+            raise CacheError("snapper_config %r is not a usable config name; use letters, digits, "
+                             "'-', '_' and '.', starting with a letter or digit" % self.snapper.config)
         if must_exist and not os.path.isdir(self.base_dir):
             raise CacheError("base_dir %s does not exist; mount the backup volume there (or "
                              "create the directory) first" % self.base_dir)
@@ -434,7 +457,8 @@ class CacheManager:
 
     def _check_source(self, source, excludes):
         if not os.path.isdir(source):
-            raise CacheError("source %s does not exist or is not a directory" % source)
+            raise CacheError("source %s does not exist or is not a directory; give a directory: the "
+                             "root of the tree to back up (/ for the whole host)" % source)
         base = os.path.realpath(self.base_dir)
         if is_within(base, os.path.realpath(source)):
             relative = "/" + os.path.relpath(base, os.path.realpath(source))
@@ -497,6 +521,12 @@ class CacheManager:
         try:
             rc, out = self.runner.run(argv, ok_rcs=(0, RSYNC_VANISHED))
         except CommandError as error:
+            if "No space left on device" in str(error):
+                raise CacheError(
+                    "base_dir %s is full (No space left on device) after part of the copy; free space on "
+                    "it (lower keep, or delete old snapshots) or grow the volume, then run again. No "
+                    "snapshot was taken; .backup_meta and every snapshot were left as they were, and the "
+                    "next run finishes the copy. %s" % (self.base_dir, _last_lines(str(error), 3))) from None
             raise CacheError("the copy failed, so no snapshot was taken and .backup_meta and every "
                              "snapshot were left as they were: %s" % error) from None
         if rc == RSYNC_VANISHED:
@@ -550,7 +580,8 @@ class CacheManager:
                 stats = self._rsync(source, cache.cache_dir, excludes, True, protect, True)
                 snapshotting = self._wants_snapshot(versioning, stats, cache.pending)
                 pruned = self._prune_list(cache.snapshots, snapshotting) if versioning != "none" else []
-                self.operations = [text for _action, text in layout]
+                self.operations = ["remove the incomplete snapshot %s" % path for path in cache.incomplete]
+                self.operations += [text for _action, text in layout]
                 self._describe_copy(stats, source, cache, dry_run=True)
                 if snapshotting:
                     self.operations.append("take a %s snapshot of %s" % (versioning, cache.cache_dir))
@@ -562,6 +593,8 @@ class CacheManager:
                 predicted["snapshots"] += ["(new)"] if snapshotting else []
                 return self._result(cache, versioning, stats, None, pruned, bool(self.operations), predicted)
             lock.claim()
+            self._remove_stale_meta()
+            self._remove_incomplete(cache)
             self._apply_layout(layout, cache, versioning)
             pending_path = os.path.join(self.base_dir, PENDING_NAME)
             create_file(pending_path)
@@ -590,6 +623,23 @@ class CacheManager:
             cache = self.reader.read(self.base_dir)
             created_view = next((s.view() for s in cache.snapshots if s.name == created), None)
             return self._result(cache, versioning, stats, created_view, pruned, bool(self.operations))
+
+    def _remove_incomplete(self, cache):
+        for path in cache.incomplete:
+            subvolume = os.path.join(path, "snapshot")
+            if os.path.isdir(subvolume):
+                self.runner.run(["btrfs", "subvolume", "delete", subvolume])
+            os.rmdir(path)
+            self.operations.append("removed the incomplete snapshot %s left by an interrupted run" % path)
+
+    def _remove_stale_meta(self):
+        """Temporary copies of .backup_meta that a killed run left (we hold the lock)."""
+        prefix = "." + META_NAME + "."  # write_atomically's temporary name
+        for name in os.listdir(self.base_dir):
+            path = os.path.join(self.base_dir, name)
+            if name.startswith(prefix) and not os.path.isdir(path):
+                os.unlink(path)
+                self.operations.append("removed %s left by an interrupted run" % path)
 
     def _wants_snapshot(self, versioning, stats, pending):
         mode = self.params["snapshot"]

@@ -1,0 +1,204 @@
+"""Fixtures of the reliability tier: the modules run on this machine as
+their own processes (python -m, an args file, as AnsibleModule allows), on
+loop filesystems in a sandbox, inside the private mount namespace that
+scripts/test.sh opens. A run may carry a fault (inject/sitecustomize.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+INJECT = os.path.join(HERE, "inject")
+sys.path.insert(0, os.path.join(REPO, "tests/lib"))
+from sandbox import loop_devices_on, mounted_under, require_root_namespace  # noqa: E402  (after the path insert)
+from sandbox import sandbox as liveclone_sandbox  # noqa: E402
+
+BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
+MODULE_TIMEOUT = 900
+TALLY = {"faults injected": 0, "faults survived": 0, "bad inputs tried": 0, "bad inputs rejected cleanly": 0}
+
+
+def run(argv, **kwargs):
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
+
+
+def collections_root():
+    return os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep)[0] or os.path.dirname(
+        os.path.dirname(os.path.dirname(REPO)))
+
+
+class ModuleRun:
+    """One module run's outcome: its result, exit status and fault marker."""
+
+    def __init__(self, result, returncode, marker, output):
+        self.result = result
+        self.returncode = returncode
+        self.marker = marker
+        self.output = output
+
+    @property
+    def killed(self):
+        return self.returncode == -9
+
+    @property
+    def failed(self):
+        return self.result is None or bool(self.result.get("failed"))
+
+    @property
+    def msg(self):
+        return (self.result or {}).get("msg", self.output)
+
+
+def run_module(work, module, params, fault=None, check=False, diff=False):
+    """Run liveclone.core.MODULE with params; with fault, under the injector."""
+    args_path = os.path.join(work, ".module-args.json")
+    marker = os.path.join(work, ".fault-marker.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker)
+    arguments = dict(params, _ansible_check_mode=check, _ansible_diff=diff)
+    with open(args_path, "w") as handle:
+        json.dump({"ANSIBLE_MODULE_ARGS": arguments}, handle)
+    paths = ([INJECT] if fault else []) + [collections_root()]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    env.pop("LIVECLONE_FAULT", None)
+    if fault:
+        env["LIVECLONE_FAULT"] = json.dumps(dict(fault, marker=marker))
+    process = subprocess.run(
+        [sys.executable, "-m", "ansible_collections.liveclone.core.plugins.modules." + module, args_path],
+        capture_output=True, text=True, env=env, timeout=MODULE_TIMEOUT, start_new_session=True, check=False)
+    os.unlink(args_path)
+    result = None
+    out = process.stdout
+    if "{" in out:
+        with contextlib.suppress(ValueError):
+            result = json.loads(out[out.index("{"):])
+    fired = None
+    if os.path.exists(marker):
+        with open(marker) as handle:
+            fired = json.load(handle)
+        os.unlink(marker)
+    return ModuleRun(result, process.returncode, fired, out + process.stderr)
+
+
+def tree_digest(root, skip=()):
+    """{relative path: (kind, mode, content digest or link target)} of a tree."""
+    found = {}
+    for directory, dirs, files in os.walk(root):
+        relative_dir = os.path.relpath(directory, root)
+        dirs[:] = [name for name in dirs if os.path.normpath(os.path.join(relative_dir, name)) not in skip]
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            relative = os.path.normpath(os.path.join(relative_dir, name))
+            if relative in skip:
+                continue
+            info = os.lstat(path)
+            mode = stat.S_IMODE(info.st_mode)
+            if stat.S_ISLNK(info.st_mode):
+                found[relative] = ("link", mode, os.readlink(path))
+            elif stat.S_ISDIR(info.st_mode):
+                found[relative] = ("dir", mode, None)
+            else:
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                        digest.update(block)
+                found[relative] = ("file", mode, digest.hexdigest())
+    return found
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_of(root):
+    """What a refused run must leave unchanged: the tree under root (names,
+    kinds, sizes, modes, mtimes), its mounts and its loop devices."""
+    entries = {}
+    for directory, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(directory, name)
+            info = os.lstat(path)
+            entries[os.path.relpath(path, root)] = (info.st_mode, info.st_size, info.st_mtime_ns)
+    return {"entries": entries, "mounts": mounted_under(root), "loops": loop_devices_on(root)}
+
+
+def write_random(path, size, rng):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(rng.randbytes(size))
+
+
+def make_small_tree(root, files, rng):
+    """A synthetic tree of many small files (1-8 KiB) in 50 directories."""
+    names = []
+    for index in range(files):
+        path = os.path.join(root, "small/d%02d/f%05d" % (index % 50, index))
+        write_random(path, rng.randint(1024, 8192), rng)
+        names.append(path)
+    return names
+
+
+@contextlib.contextmanager
+def loop_filesystem(work, name, size, fstype):
+    """A fresh filesystem of fstype in a sparse file of size bytes, mounted
+    at work/NAME (a loop device with autoclear); unmounted on the way out."""
+    image = os.path.join(work, name + ".img")
+    mount_point = os.path.join(work, name)
+    with open(image, "wb") as handle:
+        handle.truncate(size)
+    mkfs = {"btrfs": ["mkfs.btrfs", "-q", "-f"], "ext4": ["mkfs.ext4", "-q", "-F"]}[fstype]
+    run(mkfs + [image])
+    os.makedirs(mount_point)
+    run(["mount", "-o", "loop", image, mount_point])
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", mount_point], check=False)
+        if not mounted_under(mount_point):
+            os.rmdir(mount_point)
+            os.unlink(image)
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    problem = require_root_namespace("reliability")
+    if problem:
+        pytest.fail(problem)
+    with liveclone_sandbox("liveclone-reliability-") as work:
+        yield work
+
+
+@pytest.fixture(scope="session")
+def debian_tree():
+    """The cached debootstrap'd Debian 12 tree with a kernel and live-boot."""
+    return run(["bash", BUILD_TREE]).stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def rng(request):
+    return random.Random(request.node.nodeid)
+
+
+@pytest.fixture(scope="session")
+def tally():
+    return TALLY
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(
+        "reliability: faults injected %(faults injected)d, survived %(faults survived)d; "
+        "bad inputs tried %(bad inputs tried)d, rejected cleanly %(bad inputs rejected cleanly)d" % TALLY)
