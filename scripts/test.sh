@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
 # unit tests, integration tests, system tests, the reliability suite (faults,
-# full disks, bad input, planted symlinks), end-to-end workflows on booted
-# machines (and, on request, Molecule scenarios on lab VMs). Installs what it
-# needs; safe to run again.
+# full disks, bad input, planted symlinks), then end-to-end workflows on booted
+# machines and the Molecule scenarios on lab VMs, side by side. Installs what
+# it needs; safe to run again.
 # Usage: scripts/test.sh [TIER...]
 #   (tiers: ruff lint sanity units integration system reliability e2e molecule)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tiers=("$@")
-[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system reliability e2e)
+[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system reliability e2e molecule)
 
 bootstrap test
 stage_collection
@@ -31,6 +31,18 @@ molecule_lane() {
         fi
     done
 }
+
+run_e2e() {
+    (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
+        "$PY" -m pytest -q -s -p no:cacheprovider tests/system/test_e2e_*.py)
+}
+
+# A VM under emulation keeps about one core busy. Alone, the Molecule
+# scenarios run in two lanes; beside the e2e tier, in one lane.
+both_vm_tiers=false
+if [[ " ${tiers[*]} " == *" e2e "* && " ${tiers[*]} " == *" molecule "* ]]; then
+    both_vm_tiers=true
+fi
 
 for tier in "${tiers[@]}"; do
     case $tier in
@@ -61,14 +73,23 @@ for tier in "${tiers[@]}"; do
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -p no:cacheprovider tests/reliability) ;;
     e2e)
-        step "end-to-end workflows on booted machines (QEMU, TCG; private mount namespace)"
-        (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
-            "$PY" -m pytest -q -s -p no:cacheprovider tests/system/test_e2e_*.py) ;;
+        if [ "$both_vm_tiers" = true ]; then
+            step "end-to-end workflows (QEMU, TCG; private mount namespace) and, beside them, the Molecule scenarios in one lane"
+            molecule_lane backup_then_build rootfs_backup live_iso backstore &
+            lane=$!
+            failed=0
+            run_e2e || failed=1
+            wait "$lane" || failed=1
+            [ "$failed" = 0 ] || die "an end-to-end test or a Molecule scenario failed"
+        else
+            step "end-to-end workflows on booted machines (QEMU, TCG; private mount namespace)"
+            run_e2e
+        fi ;;
     molecule)
+        [ "$both_vm_tiers" = false ] || continue  # ran beside e2e
         step "Molecule scenarios on lab VMs (QEMU, TCG), two lanes side by side"
-        # A VM under emulation keeps about one core busy, so two lanes use
-        # both. Each scenario boots its own VMs and destroys them, even when
-        # it fails; its output goes to a log, shown when it fails.
+        # Each scenario boots its own VMs and destroys them, even when it
+        # fails; its output goes to a log, shown when it fails.
         molecule_lane backup_then_build backstore &
         lane_one=$!
         molecule_lane rootfs_backup live_iso &

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import random
 import stat
@@ -18,76 +17,16 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-INJECT = os.path.join(HERE, "inject")
 sys.path.insert(0, os.path.join(REPO, "tests/lib"))
 from sandbox import loop_devices_on, mounted_under, require_root_namespace  # noqa: E402  (after the path insert)
 from sandbox import sandbox as liveclone_sandbox  # noqa: E402
 
 BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
-MODULE_TIMEOUT = 900
 TALLY = {"faults injected": 0, "faults survived": 0, "bad inputs tried": 0, "bad inputs rejected cleanly": 0}
 
 
 def run(argv, **kwargs):
     return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
-
-
-def collections_root():
-    return os.environ.get("ANSIBLE_COLLECTIONS_PATH", "").split(os.pathsep)[0] or os.path.dirname(
-        os.path.dirname(os.path.dirname(REPO)))
-
-
-class ModuleRun:
-    """One module run's outcome: its result, exit status and fault marker."""
-
-    def __init__(self, result, returncode, marker, output):
-        self.result = result
-        self.returncode = returncode
-        self.marker = marker
-        self.output = output
-
-    @property
-    def killed(self):
-        return self.returncode == -9
-
-    @property
-    def failed(self):
-        return self.result is None or bool(self.result.get("failed"))
-
-    @property
-    def msg(self):
-        return (self.result or {}).get("msg", self.output)
-
-
-def run_module(work, module, params, fault=None, check=False, diff=False):
-    """Run liveclone.core.MODULE with params; with fault, under the injector."""
-    args_path = os.path.join(work, ".module-args.json")
-    marker = os.path.join(work, ".fault-marker.json")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(marker)
-    arguments = dict(params, _ansible_check_mode=check, _ansible_diff=diff)
-    with open(args_path, "w") as handle:
-        json.dump({"ANSIBLE_MODULE_ARGS": arguments}, handle)
-    paths = ([INJECT] if fault else []) + [collections_root()]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
-    env.pop("LIVECLONE_FAULT", None)
-    if fault:
-        env["LIVECLONE_FAULT"] = json.dumps(dict(fault, marker=marker))
-    process = subprocess.run(
-        [sys.executable, "-m", "ansible_collections.liveclone.core.plugins.modules." + module, args_path],
-        capture_output=True, text=True, env=env, timeout=MODULE_TIMEOUT, start_new_session=True, check=False)
-    os.unlink(args_path)
-    result = None
-    out = process.stdout
-    if "{" in out:
-        with contextlib.suppress(ValueError):
-            result = json.loads(out[out.index("{"):])
-    fired = None
-    if os.path.exists(marker):
-        with open(marker) as handle:
-            fired = json.load(handle)
-        os.unlink(marker)
-    return ModuleRun(result, process.returncode, fired, out + process.stderr)
 
 
 def tree_digest(root, skip=()):

@@ -8,7 +8,8 @@ import os
 import re
 
 import pytest
-from conftest import run, run_module, state_of
+from conftest import run, state_of
+from module_run import run_module
 
 # (module, parameters, the parameter the message must name, what it must say
 # to do). "{w}" is the case's work directory, prepared by the fixture below:

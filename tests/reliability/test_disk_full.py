@@ -8,7 +8,8 @@ import os
 import random
 import shutil
 
-from conftest import loop_filesystem, make_small_tree, run_module, state_of, tree_digest, write_random
+from conftest import loop_filesystem, make_small_tree, state_of, tree_digest, write_random
+from module_run import run_module
 
 
 def test_backup_volume_fills_up(sandbox):

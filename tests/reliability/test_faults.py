@@ -9,7 +9,8 @@ import os
 import random
 
 import pytest
-from conftest import file_sha256, loop_filesystem, make_small_tree, run, run_module, tree_digest, write_random
+from conftest import file_sha256, loop_filesystem, make_small_tree, run, tree_digest, write_random
+from module_run import run_module
 
 GIB = 1 << 30
 SNAPSHOTS = "*/.snapshots/*/snapshot"

@@ -8,7 +8,8 @@ import os
 import random
 
 import pytest
-from conftest import file_sha256, loop_filesystem, make_small_tree, run_module
+from conftest import file_sha256, loop_filesystem, make_small_tree
+from module_run import run_module
 
 PRECIOUS = "a file elsewhere that must not change\n"
 

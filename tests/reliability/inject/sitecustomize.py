@@ -1,5 +1,9 @@
-"""Fault injection for the reliability tier, loaded by Python at start-up
-(this directory is put first on PYTHONPATH of one module run only).
+"""Fault injection for the reliability tier, and tracing for bench/, loaded
+by Python at start-up (this directory is put first on PYTHONPATH of one
+module run only).
+
+LIVECLONE_TRACE names a file that gets one JSON line per tool the module
+starts: its argv and how long it ran (bench/ runs the same argv bare).
 
 LIVECLONE_FAULT holds a JSON spec; when its moment comes, the module's whole
 process group (the module was started as a session leader, so this is the
@@ -117,7 +121,36 @@ def _fault_fsync(fd, _fsync=os.fsync):
     _fsync(fd)
 
 
-if SPEC and SPEC["on"] == "spawn":
+TRACE = os.environ.get("LIVECLONE_TRACE")
+
+
+class _TracePopen(subprocess.Popen):
+    def __init__(self, args, *rest, **kwargs):
+        self._trace_argv = [os.fsdecode(word) if isinstance(word, bytes) else str(word) for word in args]
+        self._trace_start = time.monotonic()
+        super().__init__(args, *rest, **kwargs)
+
+    def _record(self):
+        if self.returncode is not None and not getattr(self, "_trace_done", False):
+            self._trace_done = True
+            with open(TRACE, "a") as handle:
+                handle.write(json.dumps({"argv": self._trace_argv, "returncode": self.returncode,
+                                         "seconds": round(time.monotonic() - self._trace_start, 3)}) + "\n")
+
+    def wait(self, *args, **kwargs):
+        code = super().wait(*args, **kwargs)
+        self._record()
+        return code
+
+    def poll(self):
+        code = super().poll()
+        self._record()
+        return code
+
+
+if TRACE:
+    subprocess.Popen = _TracePopen
+elif SPEC and SPEC["on"] == "spawn":
     subprocess.Popen = _FaultPopen
 elif SPEC and SPEC["on"] == "fsync":
     os.fsync = _fault_fsync

@@ -1,0 +1,458 @@
+"""Benchmarks of liveclone.core against the bare tools, on this machine.
+
+Run through scripts/bench.sh (root, a private mount namespace, the staged
+collection). Each figure is a ratio against a floor measured in the same run
+on the same data: the same rsync, mksquashfs and grub-mkrescue invocations the
+module made (recorded by the tracer in tests/reliability/inject), run bare.
+Writes bench/results.json and docs/performance.md.
+
+Usage: bench/run.py [--rounds N] [SECTION ...]
+  sections: backup iso compression grow playbook (default: all)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(REPO, "tests/lib"))
+from module_run import run_module, timed  # noqa: E402  (after the path insert)
+from sandbox import require_root_namespace, sandbox  # noqa: E402
+
+BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
+RESULTS = os.path.join(HERE, "results.json")
+REPORT = os.path.join(REPO, "docs/performance.md")
+GOAL = 1.15
+GIB = 1 << 30
+SMALL_FILES = 60000
+PRESETS = {
+    "zstd 3": ["-comp", "zstd", "-Xcompression-level", "3", "-b", "1M"],
+    "zstd 15": ["-comp", "zstd", "-Xcompression-level", "15", "-b", "1M"],
+    "zstd 19": ["-comp", "zstd", "-Xcompression-level", "19", "-b", "1M"],
+    "xz -b 256K (reference)": ["-comp", "xz", "-b", "256K"],
+    "xz -b 1M -Xbcj x86": ["-comp", "xz", "-b", "1M", "-Xbcj", "x86"],
+    "lz4": ["-comp", "lz4", "-b", "1M"],
+}
+
+
+def log(text):
+    print("[%s] %s" % (datetime.datetime.now().strftime("%H:%M:%S"), text), flush=True)
+
+
+def run(argv, **kwargs):
+    return subprocess.run(argv, check=True, text=True, capture_output=True, **kwargs)
+
+
+def must(outcome, what):
+    if outcome.failed:
+        raise SystemExit("%s failed: %s" % (what, outcome.msg))
+    return outcome
+
+
+def traced(work, module, params):
+    """A module run with the tools it started: (ModuleRun, [{argv, seconds}])."""
+    trace = os.path.join(work, ".trace.jsonl")
+    if os.path.exists(trace):
+        os.unlink(trace)
+    outcome = must(run_module(work, module, params, trace=trace), module)
+    with open(trace) as handle:
+        tools = [json.loads(line) for line in handle]
+    return outcome, tools
+
+
+def tool_argv(tools, name, without=()):
+    for tool in tools:
+        words = [os.path.basename(word) for word in tool["argv"]]
+        if name in words and not any(word in tool["argv"] for word in without):
+            return tool["argv"]
+    raise SystemExit("the module never ran %s" % name)
+
+
+def bare(argv):
+    returncode, out, seconds, rss = timed(argv)
+    if returncode not in (0, 24):
+        raise SystemExit("%s exited %d: %s" % (argv[0], returncode, out[-2000:]))
+    return seconds, rss
+
+
+def mib(kib):
+    return round(kib / 1024, 1)
+
+
+# --- data -----------------------------------------------------------------------
+
+
+def debian_copy(work):
+    tree = run(["bash", BUILD_TREE]).stdout.strip().splitlines()[-1]
+    copy = os.path.join(work, "debian")
+    run(["cp", "-a", tree, copy])
+    return copy
+
+
+def synthetic_tree(work):
+    rng = random.Random("bench")
+    root = os.path.join(work, "synthetic")
+    os.makedirs(os.path.join(root, "etc"))
+    with open(os.path.join(root, "etc/os-release"), "w") as handle:
+        handle.write('PRETTY_NAME="Synthetic"\nID=synthetic\n')
+    for index in range(SMALL_FILES):
+        directory = os.path.join(root, "d%03d" % (index % 600))
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "f%06d" % index), "wb") as handle:
+            handle.write(rng.randbytes(rng.randint(512, 8192)))
+    return root
+
+
+def regular_files(root):
+    found = []
+    for directory, _dirs, files in os.walk(root):
+        found += [os.path.join(directory, name) for name in files
+                  if os.path.isfile(os.path.join(directory, name))
+                  and not os.path.islink(os.path.join(directory, name))]
+    return sorted(found)
+
+
+def touch_one_percent(files, rng):
+    """Give 1% of the files new content of the same size."""
+    for path in rng.sample(files, max(1, len(files) // 100)):
+        size = os.path.getsize(path)
+        with open(path, "r+b") as handle:
+            handle.write(rng.randbytes(max(1, min(size, 4096))))
+
+
+def snapshot_count(base):
+    return len(os.listdir(os.path.join(base, ".rootfs_cache/.snapshots")))
+
+
+# --- sections ------------------------------------------------------------------------
+
+
+def bench_backup(work, volume, rounds, data):
+    results = {}
+    for name, source in data.items():
+        base = os.path.join(volume, name + "_backup")
+        os.makedirs(base)
+        params = {"base_dir": base, "source": source, "keep": 3, "versioning": "snapper",
+                  "snapper_config": "bench-" + name}
+        log("backup %s: first backup" % name)
+        first = must(run_module(work, "snapper_cache", params), "first backup")
+        entry = {"files": first.result["transfer"]["files_total"],
+                 "bytes": first.result["transfer"]["total_size"],
+                 "first_backup_seconds": round(first.seconds, 2)}
+        module_times, rsync_times, rss, snapshots_taken = [], [], [], 0
+        for _round in range(rounds):
+            before = snapshot_count(base)
+            outcome, tools = traced(work, "snapper_cache", params)
+            snapshots_taken += snapshot_count(base) - before
+            assert not outcome.result["changed"], outcome.result["operations"]
+            module_times.append(outcome.seconds)
+            rss.append(outcome.max_rss_kib)
+            rsync_times.append(bare(tool_argv(tools, "rsync", without=["--dry-run"]))[0])
+        entry["unchanged"] = {
+            "module_seconds": round(statistics.median(module_times), 3),
+            "rsync_seconds": round(statistics.median(rsync_times), 3),
+            "ratio": round(statistics.median(module_times) / statistics.median(rsync_times), 3),
+            "snapshots_taken": snapshots_taken, "peak_rss_mib": mib(max(rss))}
+        log("backup %s unchanged: %s" % (name, entry["unchanged"]))
+        rng = random.Random("one percent " + name)
+        files = regular_files(source)
+        module_times, rsync_times, rss = [], [], []
+        for _round in range(rounds):
+            touch_one_percent(files, rng)
+            outcome, tools = traced(work, "snapper_cache", params)
+            module_times.append(outcome.seconds)
+            rss.append(outcome.max_rss_kib)
+            touch_one_percent(files, rng)
+            rsync_times.append(bare(tool_argv(tools, "rsync", without=["--dry-run"]))[0])
+        entry["one_percent_changed"] = {
+            "files_changed": max(1, len(files) // 100),
+            "module_seconds": round(statistics.median(module_times), 3),
+            "rsync_seconds": round(statistics.median(rsync_times), 3),
+            "ratio": round(statistics.median(module_times) / statistics.median(rsync_times), 3),
+            "peak_rss_mib": mib(max(rss))}
+        log("backup %s 1%% changed: %s" % (name, entry["one_percent_changed"]))
+        results[name] = entry
+    return results
+
+
+def bench_iso(work, volume, rounds):
+    base = os.path.join(volume, "debian_backup")
+    iso_dir = os.path.join(work, "iso")
+    os.makedirs(iso_dir, exist_ok=True)
+    params = {"dest": os.path.join(iso_dir, "bench.iso"), "source": "cache", "cache_dir": base,
+              "snapper_config": "bench-debian", "force": True}
+    module_times, floor_times, rss, stages = [], [], [], None
+    for _round in range(rounds):
+        log("iso: live_iso from the newest snapshot")
+        outcome, tools = traced(work, "live_iso", params)
+        module_times.append(outcome.seconds)
+        rss.append(outcome.max_rss_kib)
+        stages = outcome.result["stages"]
+        snapshot = outcome.result["source"]["path"]
+        squash_argv = tool_argv(tools, "mksquashfs")
+        rescue_argv = tool_argv(tools, "grub-mkrescue")
+        # The same invocations on the same tree: the snapshot itself, into a fresh ISO tree.
+        floor_root = os.path.join(work, "floor-iso")
+        shutil.rmtree(floor_root, ignore_errors=True)
+        os.makedirs(os.path.join(floor_root, "live"))
+        os.makedirs(os.path.join(floor_root, "boot/grub"))
+        position = [os.path.basename(word) for word in squash_argv].index("mksquashfs")
+        squashfs = os.path.join(floor_root, "live/filesystem.squashfs")
+        argv = squash_argv[:position + 1] + [snapshot, squashfs] + squash_argv[position + 3:]
+        squash_seconds, squash_rss = bare(argv)
+        kernel = sorted(name for name in os.listdir(os.path.join(snapshot, "boot")) if name.startswith("vmlinuz-"))
+        shutil.copyfile(os.path.join(snapshot, "boot", kernel[-1]), os.path.join(floor_root, "live/vmlinuz"))
+        shutil.copyfile(os.path.join(snapshot, "boot", kernel[-1].replace("vmlinuz", "initrd.img")),
+                        os.path.join(floor_root, "live/initrd.img"))
+        with open(os.path.join(floor_root, "boot/grub/grub.cfg"), "w") as handle:
+            handle.write('menuentry "floor" {\n  linux /live/vmlinuz boot=live\n  initrd /live/initrd.img\n}\n')
+        position = rescue_argv.index("--output")
+        iso_root = rescue_argv[position + 2]
+        argv = [os.path.join(work, "floor.iso") if word == rescue_argv[position + 1] else
+                floor_root if word == iso_root else word for word in rescue_argv]
+        rescue_seconds, rescue_rss = bare(argv)
+        floor_times.append(squash_seconds + rescue_seconds)
+        rss += [squash_rss, rescue_rss]
+    result = {"module_seconds": round(statistics.median(module_times), 2),
+              "floor_seconds": round(statistics.median(floor_times), 2),
+              "ratio": round(statistics.median(module_times) / statistics.median(floor_times), 3),
+              "stages": stages, "iso_bytes": outcome.result["size"], "compression": "zstd (the default)",
+              "peak_rss_mib": mib(max(rss))}
+    log("iso: %s" % result)
+    return result
+
+
+def bench_compression(work):
+    tree = run(["bash", BUILD_TREE]).stdout.strip().splitlines()[-1]
+    size = int(run(["du", "-sb", tree]).stdout.split()[0])
+    results = {"tree_bytes": size, "presets": {}}
+    output = os.path.join(work, "preset.squashfs")
+    for name, options in PRESETS.items():
+        if os.path.exists(output):
+            os.unlink(output)
+        log("compression: %s" % name)
+        seconds, rss = bare(["mksquashfs", tree, output, "-noappend", "-no-progress", "-quiet"] + options)
+        results["presets"][name] = {"seconds": round(seconds, 1), "bytes": os.path.getsize(output),
+                                    "ratio": round(size / os.path.getsize(output), 2), "peak_rss_mib": mib(rss)}
+        log("compression %s: %s" % (name, results["presets"][name]))
+    os.unlink(output)
+    return results
+
+
+def bench_grow(work):
+    results = {}
+    for fstype, online in (("ext4", False), ("xfs", False), ("btrfs", False), ("xfs", True), ("btrfs", True),
+                           ("ext4", True)):
+        name = "%s %s" % (fstype, "online" if online else "offline")
+        directory = os.path.join(work, "grow-%s-%s" % (fstype, "on" if online else "off"))
+        os.makedirs(directory)
+        store = os.path.join(directory, "store.img")
+        must(run_module(work, "backstore", {"path": store, "size": "1G", "fstype": fstype}), "create")
+        mount_point = os.path.join(directory, "mnt")
+        os.makedirs(mount_point)
+        run(["mount", "-o", "loop", store, mount_point])
+        with open(os.path.join(mount_point, "data"), "wb") as handle:
+            for _block in range(256):
+                handle.write(os.urandom(1 << 20))
+        if not online:
+            run(["umount", mount_point])
+        try:
+            outcome = run_module(work, "backstore", {"path": store, "size": "8G", "fstype": fstype})
+        finally:
+            if online:
+                subprocess.run(["umount", mount_point], check=False)
+        if outcome.failed:
+            results[name] = {"refused": outcome.msg}
+        else:
+            results[name] = {"seconds": round(outcome.seconds, 2), "peak_rss_mib": mib(outcome.max_rss_kib)}
+        log("grow 1 GiB to 8 GiB, %s: %s" % (name, results[name]))
+        os.unlink(store)
+    return results
+
+
+def bench_playbook():
+    """backup_then_build.yml twice on a lab VM, as the main command runs it: the
+    unchanged rerun's wall time and changed count."""
+    state = os.path.join("/var/tmp", "liveclone-bench-lab")
+    lab = [sys.executable, os.path.join(REPO, "lab/lab.py")]
+    run(lab + ["image"])
+    log("playbook: booting a lab VM")
+    run(lab + ["up", "bench", state])
+    try:
+        inventory = os.path.join(state, "inventory.json")
+        with open(inventory, "w") as handle:
+            handle.write(run(lab + ["inventory", state]).stdout)
+        argv = ["ansible-playbook", "-i", inventory, os.path.join(REPO, "playbooks/backup_then_build.yml"),
+                "-e", "rootfs_backup_device=/dev/vdb", "-e", "rootfs_backup_format_device=true",
+                "-e", "live_iso_live_password=live", "-e", "liveclone_artifact_dir=" + os.path.join(state, "out")]
+        env = dict(os.environ, ANSIBLE_PIPELINING="True")
+        runs = []
+        for label in ("first", "unchanged rerun"):
+            log("playbook: %s run" % label)
+            returncode, out, seconds, _rss = timed(argv, env=env, timeout=3600)
+            if returncode:
+                raise SystemExit("backup_then_build.yml failed:\n" + out[-3000:])
+            recap = [line for line in out.splitlines() if "changed=" in line and "ok=" in line]
+            changed = sum(int(line.split("changed=")[1].split()[0]) for line in recap)
+            runs.append({"run": label, "seconds": round(seconds, 1), "changed": changed})
+            log("playbook %s: %s" % (label, runs[-1]))
+        return {"runs": runs, "where": "lab VM under QEMU TCG (no KVM), -cpu qemu64"}
+    finally:
+        subprocess.run(lab + ["down", "bench", state], check=False)
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def machine():
+    with open("/proc/meminfo") as handle:
+        memory = int(handle.readline().split()[1]) // 1024 // 1024
+    with open("/proc/cpuinfo") as handle:
+        model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")),
+                     platform.processor())
+    return {"cpus": os.cpu_count(), "cpu": model, "memory_gib": memory, "kernel": platform.release(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def verdict(ratio):
+    return "met" if ratio <= GOAL else "missed"
+
+
+def write_report(results):
+    lines = ["# Performance", "",
+             "Written by `bash scripts/bench.sh` (bench/run.py) from `bench/results.json`; do not edit by hand.",
+             "Every ratio is the module's wall time (python start-up included) over the same tool invocations run",
+             "bare, measured in the same run on the same data (the median of %d rounds)." % results["rounds"],
+             "", "Machine: %(cpus)d cores (%(cpu)s), %(memory_gib)d GiB, kernel %(kernel)s, %(date)s." %
+             results["machine"], ""]
+    if results.get("note"):
+        lines += [results["note"], ""]
+    chart = []
+    backup = results.get("backup")
+    if backup:
+        lines += ["## Backups (snapper_cache against bare rsync)", "",
+                  "| data | files | size | case | module s | rsync s | ratio | goal 1.15 | peak RSS MiB |",
+                  "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |"]
+        for name, entry in backup.items():
+            for case in ("unchanged", "one_percent_changed"):
+                item = entry[case]
+                lines.append("| %s | %d | %d MB | %s | %.2f | %.2f | %.2f | %s | %s |" % (
+                    name, entry["files"], entry["bytes"] // 10 ** 6, case.replace("_", " "), item["module_seconds"],
+                    item["rsync_seconds"], item["ratio"], verdict(item["ratio"]), item["peak_rss_mib"]))
+                chart.append(("%s %s" % (name, "unchanged" if case == "unchanged" else "1%"), item["ratio"]))
+        lines += ["", "Snapshots taken by the unchanged runs: %s." % ", ".join(
+            "%s %d" % (name, entry["unchanged"]["snapshots_taken"]) for name, entry in backup.items()), ""]
+    iso = results.get("iso")
+    if iso:
+        lines += ["## ISO from a snapshot (live_iso against mksquashfs + grub-mkrescue)", "",
+                  "| module s | floor s | ratio | goal 1.15 | ISO bytes | peak RSS MiB |",
+                  "| ---: | ---: | ---: | --- | ---: | ---: |",
+                  "| %.1f | %.1f | %.2f | %s | %d | %s |" % (
+                      iso["module_seconds"], iso["floor_seconds"], iso["ratio"], verdict(iso["ratio"]),
+                      iso["iso_bytes"], iso["peak_rss_mib"]),
+                  "", "Stages of the module run (s): %s." % ", ".join(
+                      "%s %s" % item for item in iso["stages"].items()), ""]
+        chart.append(("ISO", iso["ratio"]))
+    if chart:
+        lines += ["## Ratios against the floor", "", "```mermaid", "xychart-beta",
+                  '    title "module time / bare tools (goal: at most 1.15)"',
+                  "    x-axis [%s]" % ", ".join('"%s"' % label for label, _ratio in chart),
+                  '    y-axis "ratio" 0 --> %.1f' % max(2.0, max(ratio for _label, ratio in chart) + 0.2),
+                  "    bar [%s]" % ", ".join("%.2f" % ratio for _label, ratio in chart),
+                  "    line [%s]" % ", ".join("1.15" for _item in chart), "```", ""]
+    compression = results.get("compression")
+    if compression:
+        title = "## Compression presets (mksquashfs of the %d MB Debian tree)" % (compression["tree_bytes"] // 10 ** 6)
+        lines += [title,
+                  "", "| preset | seconds | size MB | ratio | peak RSS MiB |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name, item in compression["presets"].items():
+            lines.append("| %s | %.1f | %.1f | %.2f | %s |" % (
+                name, item["seconds"], item["bytes"] / 10 ** 6, item["ratio"], item["peak_rss_mib"]))
+        lines.append("")
+    grow = results.get("grow")
+    if grow:
+        lines += ["## Backing-store grow, 1 GiB to 8 GiB (backstore, 256 MiB of data in the store)", "",
+                  "| filesystem | seconds | peak RSS MiB |",
+                  "| --- | ---: | ---: |"]
+        for name, item in grow.items():
+            if "refused" in item and "CAP_SYS_RESOURCE" in item["refused"]:
+                lines.append("| %s | not possible here: root lacks CAP_SYS_RESOURCE on this machine (the module "
+                             "refuses, saying so) | |" % name)
+            elif "refused" in item:
+                lines.append("| %s | refused: %s | |" % (name, item["refused"]))
+            else:
+                lines.append("| %s | %.2f | %s |" % (name, item["seconds"], item["peak_rss_mib"]))
+        lines.append("")
+    playbook = results.get("playbook")
+    if playbook:
+        lines += ["## backup_then_build.yml on one host (%s)" % playbook["where"], "",
+                  "| run | seconds | tasks changed |", "| --- | ---: | ---: |"]
+        lines += ["| %(run)s | %(seconds).1f | %(changed)d |" % item for item in playbook["runs"]]
+        lines.append("")
+    lines += results.get("discussion", [])
+    with open(REPORT, "w") as handle:
+        handle.write("\n".join(lines).rstrip() + "\n")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("sections", nargs="*", default=["backup", "iso", "compression", "grow", "playbook"])
+    options = parser.parse_args()
+    problem = require_root_namespace("bench")
+    if problem:
+        raise SystemExit(problem)
+    results = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as handle:
+            results = json.load(handle)
+    results.update(rounds=options.rounds, machine=machine())
+    with sandbox("liveclone-bench-") as work:
+        needs_volume = {"backup", "iso"} & set(options.sections)
+        volume = os.path.join(work, "volume")
+        if needs_volume:
+            image = os.path.join(work, "volume.img")
+            with open(image, "wb") as handle:
+                handle.truncate(16 * GIB)
+            run(["mkfs.btrfs", "-q", "-f", image])
+            os.makedirs(volume)
+            run(["mount", "-o", "loop", image, volume])
+        try:
+            if needs_volume:
+                log("data: a copy of the Debian tree and %d small files" % SMALL_FILES)
+                data = {"debian": debian_copy(work), "synthetic": synthetic_tree(work)}
+                results["backup"] = bench_backup(work, volume, options.rounds, data)
+            if "iso" in options.sections:
+                results["iso"] = bench_iso(work, volume, max(1, options.rounds // 2))
+            if needs_volume:
+                for name in data:
+                    run_module(work, "snapper_cache", {"base_dir": os.path.join(volume, name + "_backup"),
+                                                       "snapper_config": "bench-" + name, "state": "absent"})
+            if "compression" in options.sections:
+                results["compression"] = bench_compression(work)
+            if "grow" in options.sections:
+                results["grow"] = bench_grow(work)
+        finally:
+            if needs_volume:
+                subprocess.run(["umount", volume], check=False)
+    if "playbook" in options.sections:
+        results["playbook"] = bench_playbook()
+    with open(RESULTS, "w") as handle:
+        json.dump(results, handle, indent=2)
+        handle.write("\n")
+    write_report(results)
+    log("wrote %s and %s" % (RESULTS, REPORT))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Benchmarks (bench/run.py): the modules against the bare tools on the same
+# data in the same run; writes bench/results.json and docs/performance.md.
+# Installs what it needs; safe to run again. Takes about an hour with every
+# section (the playbook section boots a lab VM and runs backup_then_build.yml
+# twice under emulation).
+# Usage: scripts/bench.sh [--rounds N] [SECTION...]
+#   (sections: backup iso compression grow playbook; default all)
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+bootstrap test
+stage_collection
+# Loop filesystems and the covered /etc/snapper vanish with the namespace.
+unshare --mount --propagation private -- "$VENV/bin/python" "$REPO/bench/run.py" "$@"

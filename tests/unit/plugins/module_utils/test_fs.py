@@ -1,0 +1,71 @@
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ansible_collections.liveclone.core.plugins.module_utils import _fs
+from ansible_collections.liveclone.core.plugins.module_utils import _live_iso as li
+from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
+
+
+def test_create_file_replaces_a_symlink_and_leaves_its_target(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("keep\n")
+    link = tmp_path / "marker"
+    link.symlink_to(target)
+    _fs.create_file(str(link), "new\n")
+    assert target.read_text() == "keep\n"
+    assert not link.is_symlink() and link.read_text() == "new\n"
+
+
+def test_read_file_never_follows_a_symlink(tmp_path):
+    target = tmp_path / "secret"
+    target.write_text("secret\n")
+    (tmp_path / "meta").symlink_to(target)
+    assert _fs.read_file(str(tmp_path / "meta")) is None
+    assert _fs.read_file(str(target), limit=3) == "sec"
+    assert _fs.read_file(str(tmp_path / "missing")) is None
+
+
+def test_check_real_path_names_the_link_and_the_real_path(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    message = _fs.check_real_path("base_dir", str(tmp_path / "link" / "x"))
+    assert message.startswith("base_dir %s runs through the symlink %s" % (tmp_path / "link" / "x", tmp_path / "link"))
+    assert "give the real path, %s" % (real / "x") in message
+    assert _fs.check_real_path("dest", str(tmp_path / "link"), include_last=False) is None
+    assert _fs.check_real_path("base_dir", str(real)) is None
+
+
+def test_check_real_path_refuses_kernel_filesystems():
+    assert "kernel's proc filesystem" in _fs.check_real_path("path", "/proc/liveclone.img")
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"block_size": 1000}, "block_size 1000 is not a power of two"),
+    ({"block_size": 2 * 1048576}, "block_size 2097152 is not a power of two"),
+    ({"hostname": "bad host"}, "hostname 'bad host' is not a host name"),
+    ({"hostname": "-x"}, "hostname '-x' is not a host name"),
+])
+def test_live_iso_parameter_checks(tmp_path, overrides, words):
+    values = dict(block_size=1048576, hostname="liveclone", work_dir=None)
+    values.update(overrides)
+    with pytest.raises(li.IsoError, match=words):
+        li.check_params(values, str(tmp_path / "live.iso"))
+
+
+def test_live_iso_dest_that_is_a_directory(tmp_path):
+    with pytest.raises(li.IsoError, match="give the ISO's file name, such as %s" % os.path.join(tmp_path, "live.iso")):
+        li.check_params(dict(block_size=131072, hostname="a", work_dir=None), str(tmp_path))
+
+
+@pytest.mark.parametrize(("name", "usable"), [
+    ("distroclone-backup", True), ("root", True), ("a.b_c", True), ("../etc", False), ("a/b", False),
+    (".hidden", False), ("", False)])
+def test_snapper_config_names(name, usable):
+    assert bool(sc.SNAPPER_CONFIG_NAME.match(name)) == usable
