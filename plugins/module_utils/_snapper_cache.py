@@ -66,7 +66,8 @@ class CacheError(Exception):
 
 def read_os_release(path):
     values = {}
-    with contextlib.suppress(OSError), open(path) as handle:
+    # A damaged file must not stop a backup: undecodable bytes become U+FFFD.
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             key, sep, value = line.strip().partition("=")
             if sep:
@@ -481,10 +482,11 @@ class CacheManager:
                     self.snapper.config, cache.cache_dir)))
                 operations.append(("set_config", "set snapper config %s: %s" % (
                     self.snapper.config, self._settings_text())))
-            elif any(self.snapper.get_config().get(key) != value
-                     for key, value in self.snapper.settings(self.params["keep"]).items()):
-                operations.append(("set_config", "set snapper config %s: %s" % (
-                    self.snapper.config, self._settings_text())))
+            else:
+                current = self.snapper.get_config()
+                if any(current.get(key) != value for key, value in self.snapper.settings(self.params["keep"]).items()):
+                    operations.append(("set_config", "set snapper config %s: %s" % (
+                        self.snapper.config, self._settings_text())))
         elif versioning == "btrfs" and not cache.snapshots_dir_exists:
             operations.append(("create_snapshots_dir", "create the btrfs subvolume %s" % cache.snapshots_dir))
         return operations
@@ -615,12 +617,18 @@ class CacheManager:
                 write_atomically(self.module, cache.meta_path, format_meta(meta))
                 self.operations.append("wrote %s" % cache.meta_path)
             os.unlink(pending_path)
-            cache = self.reader.read(self.base_dir)
+            # Read the cache again only when this run changed it: an unchanged run is common and each
+            # read costs several snapper and btrfs calls.
+            if self.operations:
+                cache = self.reader.read(self.base_dir)
+            else:
+                cache.pending = False
             pruned = self._prune_list(cache.snapshots, False) if versioning != "none" else []
             for snapshot in pruned:
                 self._delete_snapshot(snapshot)
                 self.operations.append("deleted snapshot %s" % snapshot.name)
-            cache = self.reader.read(self.base_dir)
+            if pruned:
+                cache = self.reader.read(self.base_dir)
             created_view = next((s.view() for s in cache.snapshots if s.name == created), None)
             return self._result(cache, versioning, stats, created_view, pruned, bool(self.operations))
 
