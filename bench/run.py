@@ -7,13 +7,15 @@ module made (recorded by the tracer in tests/reliability/inject), run bare.
 Writes bench/results.json and docs/performance.md.
 
 Usage: bench/run.py [--rounds N] [SECTION ...]
-  sections: backup iso compression grow playbook (default: all)
+  sections: backup iso compression grow playbook (default: all); "report"
+  alone rewrites docs/performance.md from bench/results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -31,7 +33,7 @@ from module_run import run_module, timed  # noqa: E402  (after the path insert)
 from sandbox import require_root_namespace, sandbox  # noqa: E402
 
 BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
-RESULTS = os.path.join(HERE, "results.json")
+RESULTS = os.path.join(HERE, "results.json")  # kept between runs: a run of some sections updates only those
 REPORT = os.path.join(REPO, "docs/performance.md")
 GOAL = 1.15
 GIB = 1 << 30
@@ -79,12 +81,12 @@ def tool_argv(tools, name, without=()):
     raise SystemExit("the module never ran %s" % name)
 
 
-def bare(argv):
-    """Run a tool bare: (seconds, peak RSS KiB, output)."""
-    returncode, out, seconds, rss = timed(argv)
+def bare(argv, with_cpu=False):
+    """Run a tool bare: (seconds, peak RSS KiB, output[, CPU seconds])."""
+    returncode, out, seconds, rss, cpu = timed(argv)
     if returncode not in (0, 24):
         raise SystemExit("%s exited %d: %s" % (argv[0], returncode, out[-2000:]))
-    return seconds, rss, out
+    return (seconds, rss, out, cpu) if with_cpu else (seconds, rss, out)
 
 
 def mib(kib):
@@ -187,6 +189,7 @@ def bench_backup(work, volume, rounds, data):
             "ratio": round(statistics.median(module_times) / statistics.median(rsync_times), 3),
             "peak_rss_mib": mib(max(rss))}
         log("backup %s 1%% changed: %s" % (name, entry["one_percent_changed"]))
+        entry["rounds"] = rounds
         results[name] = entry
     return results
 
@@ -198,6 +201,10 @@ def bench_iso(work, volume, rounds):
     params = {"dest": os.path.join(iso_dir, "bench.iso"), "source": "cache", "cache_dir": base,
               "snapper_config": "bench-debian", "force": True}
     module_times, floor_times, rss, stages = [], [], [], None
+    # Read the newest snapshot once, so that neither side pays for a cold page cache.
+    snapshots = glob.glob(os.path.join(base, ".rootfs_cache/.snapshots/*/snapshot"))
+    newest = max(snapshots, key=lambda path: int(path.split("/")[-2]))
+    subprocess.run(["find", newest, "-type", "f", "-exec", "cat", "{}", "+"], stdout=subprocess.DEVNULL, check=True)
     for _round in range(rounds):
         log("iso: live_iso from the newest snapshot")
         outcome, tools = traced(work, "live_iso", params)
@@ -231,7 +238,7 @@ def bench_iso(work, volume, rounds):
         rescue_seconds, rescue_rss, _out = bare(argv)
         floor_times.append(squash_seconds + rescue_seconds)
         rss += [squash_rss, rescue_rss]
-    result = {"module_seconds": round(statistics.median(module_times), 2),
+    result = {"rounds": rounds, "module_seconds": round(statistics.median(module_times), 2),
               "floor_seconds": round(statistics.median(floor_times), 2),
               "ratio": round(statistics.median(module_times) / statistics.median(floor_times), 3),
               "stages": stages, "iso_bytes": outcome.result["size"], "compression": "zstd (the default)",
@@ -251,8 +258,10 @@ def bench_compression(work):
         if os.path.exists(output):
             os.unlink(output)
         log("compression: %s" % name)
-        seconds, rss, _out = bare(["mksquashfs", tree, output, "-noappend", "-no-progress", "-quiet"] + options)
-        results["presets"][name] = {"seconds": round(seconds, 1), "bytes": os.path.getsize(output),
+        seconds, rss, _out, cpu = bare(["mksquashfs", tree, output, "-noappend", "-no-progress", "-quiet"] + options,
+                                       with_cpu=True)
+        results["presets"][name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                                    "bytes": os.path.getsize(output),
                                     "ratio": round(size / os.path.getsize(output), 2), "peak_rss_mib": mib(rss)}
         log("compression %s: %s" % (name, results["presets"][name]))
     os.unlink(output)
@@ -309,7 +318,7 @@ def bench_playbook():
         runs = []
         for label in ("first", "unchanged rerun"):
             log("playbook: %s run" % label)
-            returncode, out, seconds, _rss = timed(argv, env=env, timeout=3600)
+            returncode, out, seconds, _rss, _cpu = timed(argv, env=env, timeout=3600)
             if returncode:
                 raise SystemExit("backup_then_build.yml failed:\n" + out[-3000:])
             recap = [line for line in out.splitlines() if "changed=" in line and "ok=" in line]
@@ -344,7 +353,7 @@ def write_report(results):
     lines = ["# Performance", "",
              "Written by `bash scripts/bench.sh` (bench/run.py) from `bench/results.json`; do not edit by hand.",
              "Every ratio is the module's wall time (python start-up included) over the same tool invocations run",
-             "bare, measured in the same run on the same data (the median of %d rounds)." % results["rounds"],
+             "bare, measured in the same run on the same data (the median of the rounds each section names).",
              "", "Machine: %(cpus)d cores (%(cpu)s), %(memory_gib)d GiB, kernel %(kernel)s, %(date)s." %
              results["machine"], ""]
     if results.get("note"):
@@ -352,7 +361,8 @@ def write_report(results):
     chart = []
     backup = results.get("backup")
     if backup:
-        lines += ["## Backups (snapper_cache against bare rsync)", "",
+        rounds = next(iter(backup.values())).get("rounds", "?")
+        lines += ["## Backups (snapper_cache against bare rsync; %s rounds)" % rounds, "",
                   "| data | files | size | case | module s | rsync s | module - rsync s | ratio | goal 1.15 "
                   "| peak RSS MiB |",
                   "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: |"]
@@ -361,14 +371,17 @@ def write_report(results):
                 item = entry[case]
                 lines.append("| %s | %d | %d MB | %s | %.2f | %.2f | %.2f | %.2f | %s | %s |" % (
                     name, entry["files"], entry["bytes"] // 10 ** 6, case.replace("_", " "), item["module_seconds"],
-                    item["rsync_seconds"], item["overhead_seconds"], item["ratio"], verdict(item["ratio"]),
+                    item["rsync_seconds"], item.get("overhead_seconds", item["module_seconds"] - item["rsync_seconds"]),
+                    item["ratio"], verdict(item["ratio"]),
                     item["peak_rss_mib"]))
                 chart.append(("%s %s" % (name, "unchanged" if case == "unchanged" else "1%"), item["ratio"]))
         lines += ["", "Snapshots taken by the unchanged runs: %s." % ", ".join(
             "%s %d" % (name, entry["unchanged"]["snapshots_taken"]) for name, entry in backup.items()), ""]
     iso = results.get("iso")
     if iso:
-        lines += ["## ISO from a snapshot (live_iso against mksquashfs + grub-mkrescue)", "",
+        title = "## ISO from a snapshot (live_iso against mksquashfs + grub-mkrescue; %s rounds)" % (
+            iso.get("rounds", "?"))
+        lines += [title, "",
                   "| module s | floor s | ratio | goal 1.15 | ISO bytes | peak RSS MiB |",
                   "| ---: | ---: | ---: | --- | ---: | ---: |",
                   "| %.1f | %.1f | %.2f | %s | %d | %s |" % (
@@ -391,10 +404,12 @@ def write_report(results):
     if compression:
         title = "## Compression presets (mksquashfs of the %d MB Debian tree)" % (compression["tree_bytes"] // 10 ** 6)
         lines += [title,
-                  "", "| preset | seconds | size MB | ratio | peak RSS MiB |", "| --- | ---: | ---: | ---: | ---: |"]
+                  "", "| preset | wall s | CPU s | size MB | ratio | peak RSS MiB |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, item in compression["presets"].items():
-            lines.append("| %s | %.1f | %.1f | %.2f | %s |" % (
-                name, item["seconds"], item["bytes"] / 10 ** 6, item["ratio"], item["peak_rss_mib"]))
+            lines.append("| %s | %.1f | %.1f | %.1f | %.2f | %s |" % (
+                name, item["seconds"], item.get("cpu_seconds", 0), item["bytes"] / 10 ** 6, item["ratio"],
+                item["peak_rss_mib"]))
         lines.append("")
     grow = results.get("grow")
     if grow:
@@ -416,7 +431,11 @@ def write_report(results):
                   "| run | seconds | tasks changed |", "| --- | ---: | ---: |"]
         lines += ["| %(run)s | %(seconds).1f | %(changed)d |" % item for item in playbook["runs"]]
         lines.append("")
-    lines += results.get("discussion", [])
+    # What the figures mean, written by hand after a run: bench/discussion.md.
+    discussion = os.path.join(HERE, "discussion.md")
+    if os.path.exists(discussion):
+        with open(discussion) as handle:
+            lines += [handle.read()]
     with open(REPORT, "w") as handle:
         handle.write("\n".join(lines).rstrip() + "\n")
 
@@ -426,14 +445,17 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("sections", nargs="*", default=["backup", "iso", "compression", "grow", "playbook"])
     options = parser.parse_args()
-    problem = require_root_namespace("bench")
-    if problem:
-        raise SystemExit(problem)
     results = {}
     if os.path.exists(RESULTS):
         with open(RESULTS) as handle:
             results = json.load(handle)
-    results.update(rounds=options.rounds, machine=machine())
+    if options.sections == ["report"]:  # rewrite docs/performance.md from the stored results
+        write_report(results)
+        return
+    problem = require_root_namespace("bench")
+    if problem:
+        raise SystemExit(problem)
+    results.update(machine=machine())
     with sandbox("liveclone-bench-") as work:
         needs_volume = {"backup", "iso"} & set(options.sections)
         volume = os.path.join(work, "volume")

@@ -5,7 +5,8 @@
 # section (the playbook section boots a lab VM and runs backup_then_build.yml
 # twice under emulation).
 # Usage: scripts/bench.sh [--rounds N] [SECTION...]
-#   (sections: backup iso compression grow playbook; default all)
+#   (sections: backup iso compression grow playbook; default all;
+#    "report" alone rewrites docs/performance.md from bench/results.json)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 bootstrap test

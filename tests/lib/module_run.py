@@ -50,7 +50,8 @@ def collections_root():
 
 def timed(argv, env=None, timeout=MODULE_TIMEOUT, new_session=False):
     """Run argv; return (returncode, output, seconds, peak RSS in KiB of the
-    largest process of its tree, from wait4)."""
+    largest process of its tree, CPU seconds (user + system) of the tree),
+    from wait4."""
     with tempfile.TemporaryFile() as out:
         started = time.monotonic()
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -64,7 +65,8 @@ def timed(argv, env=None, timeout=MODULE_TIMEOUT, new_session=False):
         seconds = time.monotonic() - started
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
-        return process.returncode, out.read().decode("utf-8", "replace"), seconds, usage.ru_maxrss
+        return (process.returncode, out.read().decode("utf-8", "replace"), seconds, usage.ru_maxrss,
+                usage.ru_utime + usage.ru_stime)
 
 
 def run_module(work, module, params, fault=None, trace=None, check=False, diff=False):
@@ -85,7 +87,7 @@ def run_module(work, module, params, fault=None, trace=None, check=False, diff=F
         env["LIVECLONE_FAULT"] = json.dumps(dict(fault, marker=marker))
     if trace:
         env["LIVECLONE_TRACE"] = trace
-    returncode, out, seconds, max_rss = timed(
+    returncode, out, seconds, max_rss, _cpu = timed(
         [sys.executable, "-m", "ansible_collections.liveclone.core.plugins.modules." + module, args_path],
         env=env, new_session=True)
     os.unlink(args_path)
