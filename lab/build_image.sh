@@ -3,7 +3,8 @@
 # systemd, openssh-server, python3 and the tools the roles use, so that a
 # converge installs nothing. Cached under $LIVECLONE_CACHE/lab (default
 # /var/cache/liveclone/lab), keyed by the package list and a layout version; built
-# under a temporary name and renamed, so a killed build is redone. Prints the
+# under a temporary name and renamed, so a killed build is redone; callers at
+# the same time wait for one build. Prints the
 # image directory: rootfs.raw (ext4, no partition table), vmlinuz, initrd.img
 # and the lab's SSH key (id_ed25519), whose public half root accepts.
 set -euo pipefail
@@ -24,8 +25,11 @@ cache=${LIVECLONE_CACHE:-/var/cache/liveclone}/lab
 layout_version=1
 key=$(printf '%s\n' "$layout_version" "${packages[@]}" "${later_packages[@]}" | sha256sum | cut -c1-12)
 image=$cache/bookworm-$key
+mkdir -p "$cache"
+# One build at a time: a second caller waits, then finds the image made.
+exec {build_lock}>"$cache/.build.lock"
+flock "$build_lock"
 if [ ! -f "$image/rootfs.raw" ]; then
-    mkdir -p "$cache"
     partial=$(mktemp -d "$cache/.partial-XXXXXX")
     trap 'rm -rf --one-file-system "$partial"' EXIT
     tree=$partial/tree

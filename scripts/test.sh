@@ -2,49 +2,84 @@
 # Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
 # unit tests, integration tests, system tests, the reliability suite (faults,
 # full disks, bad input, planted symlinks), end-to-end workflows on booted
-# machines, and, on request, the Molecule scenarios on lab VMs (beside e2e when
-# both are named). Installs what it needs; safe to run again.
+# machines and the Molecule scenarios on lab VMs (these two side by side).
+# Installs what it needs; safe to run again.
 # Usage: scripts/test.sh [TIER...]
 #   (tiers: ruff lint sanity units integration system reliability e2e molecule)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tiers=("$@")
-# Not molecule: with it, .ci/run would need about 90 minutes on 2 cores (README).
-[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system reliability e2e)
+[ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system reliability e2e molecule)
 
 bootstrap test
 stage_collection
 PY=$VENV/bin/python
 
-# molecule_lane SCENARIO...: runs the scenarios one after another; stops at
-# the first that fails, after printing the end of its log.
-molecule_lane() {
-    local scenario log started
-    for scenario in "$@"; do
-        log=$STAGE_ROOT/molecule-$scenario.log
-        started=$SECONDS
-        if (cd "$COLLECTION_DIR" && molecule test --scenario-name "$scenario") >"$log" 2>&1; then
-            echo "molecule $scenario: passed in $((SECONDS - started)) s"
-        else
-            echo "molecule $scenario: FAILED after $((SECONDS - started)) s; the end of $log:"
-            tail -n 80 "$log"
-            return 1
-        fi
+# vm_job KIND NAME: one workload on booted VMs (an e2e test module or a
+# Molecule scenario), its output in a log; prints one block when it ends:
+# the time, and e2e's stage timings, or on failure the end of the log.
+vm_job() {
+    local kind=$1 name=$2 log=$STAGE_ROOT/$1-$2.log started=$SECONDS status=0 report
+    case $kind in
+    e2e)
+        (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
+            "$PY" -m pytest -q -s -p no:cacheprovider "tests/system/test_e2e_$name.py") >"$log" 2>&1 || status=$? ;;
+    molecule)
+        # Each scenario destroys its VMs, even when it fails.
+        (cd "$COLLECTION_DIR" && molecule test --scenario-name "$name") >"$log" 2>&1 || status=$? ;;
+    esac
+    if [ "$status" = 0 ]; then
+        report="$kind $name: passed in $((SECONDS - started)) s"
+        [ "$kind" != e2e ] || report+=$'\n'$(sed 's/^/    /' "$log")
+    else
+        report="$kind $name: FAILED after $((SECONDS - started)) s; the end of $log:"$'\n'$(tail -n 80 "$log" | sed 's/^/    /')
+    fi
+    # One write, so that the other lane's report does not cut into it.
+    printf '%s\n' "$report"
+    return "$status"
+}
+
+# vm_lane KIND:NAME...: the jobs one after another; a failure does not stop the rest.
+vm_lane() {
+    local job failed=0
+    for job in "$@"; do
+        vm_job "${job%%:*}" "${job#*:}" || failed=1
     done
+    return "$failed"
 }
 
-run_e2e() {
-    (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
-        "$PY" -m pytest -q -s -p no:cacheprovider tests/system/test_e2e_*.py)
+# run_vm_tiers: the e2e tests and the Molecule scenarios that were asked for.
+# A VM under emulation keeps one core busy: at most two VMs run at once, in
+# two lanes of one VM each, balanced by measured time (e2e backing_store 16,
+# distroclone 25, live_iso 13, rootfs_backup 10, backstore 4 min), then the
+# two-VM backup_then_build scenario (12 min) alone.
+run_vm_tiers() {
+    local lane_one=() lane_two=() after=() failed=0 pid_one pid_two=
+    if [[ " ${tiers[*]} " == *" e2e "* ]]; then
+        lane_one+=(e2e:backing_store)
+        lane_two+=(e2e:distroclone)
+    fi
+    if [[ " ${tiers[*]} " == *" molecule "* ]]; then
+        lane_one+=(molecule:live_iso molecule:backstore)
+        lane_two+=(molecule:rootfs_backup)
+        after+=(molecule:backup_then_build)
+    fi
+    step "on lab VMs (QEMU, TCG), two lanes side by side: ${lane_one[*]} | ${lane_two[*]}${after:+; then ${after[*]}}"
+    # Built once here (about 3 minutes the first time), not by both lanes at once.
+    "$PY" "$REPO/lab/lab.py" image >/dev/null
+    vm_lane "${lane_one[@]}" &
+    pid_one=$!
+    vm_lane "${lane_two[@]}" &
+    pid_two=$!
+    wait "$pid_one" || failed=1
+    wait "$pid_two" || failed=1
+    if [ ${#after[@]} -gt 0 ]; then
+        vm_lane "${after[@]}" || failed=1
+    fi
+    [ "$failed" = 0 ] || die "a test on lab VMs failed (see FAILED above)"
 }
 
-# A VM under emulation keeps about one core busy. Alone, the Molecule
-# scenarios run in two lanes; beside the e2e tier, in one lane.
-both_vm_tiers=false
-if [[ " ${tiers[*]} " == *" e2e "* && " ${tiers[*]} " == *" molecule "* ]]; then
-    both_vm_tiers=true
-fi
-
+vm_tiers_done=false
 for tier in "${tiers[@]}"; do
     case $tier in
     ruff)
@@ -73,32 +108,10 @@ for tier in "${tiers[@]}"; do
         step "reliability suite (SIGKILL faults, full disks, bad input, symlinks; private mount namespace)"
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -p no:cacheprovider tests/reliability) ;;
-    e2e)
-        if [ "$both_vm_tiers" = true ]; then
-            step "end-to-end workflows (QEMU, TCG; private mount namespace) and, beside them, the Molecule scenarios in one lane"
-            molecule_lane backup_then_build rootfs_backup live_iso backstore &
-            lane=$!
-            failed=0
-            run_e2e || failed=1
-            wait "$lane" || failed=1
-            [ "$failed" = 0 ] || die "an end-to-end test or a Molecule scenario failed"
-        else
-            step "end-to-end workflows on booted machines (QEMU, TCG; private mount namespace)"
-            run_e2e
-        fi ;;
-    molecule)
-        [ "$both_vm_tiers" = false ] || continue  # ran beside e2e
-        step "Molecule scenarios on lab VMs (QEMU, TCG), two lanes side by side"
-        # Each scenario boots its own VMs and destroys them, even when it
-        # fails; its output goes to a log, shown when it fails.
-        molecule_lane backup_then_build backstore &
-        lane_one=$!
-        molecule_lane rootfs_backup live_iso &
-        lane_two=$!
-        failed=0
-        wait "$lane_one" || failed=1
-        wait "$lane_two" || failed=1
-        [ "$failed" = 0 ] || die "a Molecule scenario failed" ;;
+    e2e | molecule)
+        [ "$vm_tiers_done" = false ] || continue
+        run_vm_tiers
+        vm_tiers_done=true ;;
     *) die "unknown tier $tier" ;;
     esac
 done

@@ -41,6 +41,8 @@ options:
     description:
       - Absolute path of the image file, or of an existing directory, in which
         case the file name comes from O(layout).
+      - It must not run through a symlink nor lie on a kernel filesystem
+        (C(/proc), C(/sys), C(/dev)...), and must not be C(/).
     type: path
     required: true
   state:

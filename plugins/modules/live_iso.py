@@ -36,7 +36,10 @@ notes:
   - Only the Debian family is supported; other distributions are refused with a clear message.
 options:
   dest:
-    description: Path of the ISO. C(DEST.sha256), C(DEST.md5) and C(DEST.manifest.json) are written beside it.
+    description:
+      - Path of the ISO. C(DEST.sha256), C(DEST.md5) and C(DEST.manifest.json) are written beside it.
+      - A file name, not a directory; its directory must not run through a symlink, nor lie inside
+        O(source_path). A symlink at O(dest) itself is replaced by the ISO, never followed.
     type: path
     required: true
   source:
@@ -66,7 +69,7 @@ options:
     type: str
     default: LIVECLONE
   hostname:
-    description: Host name of the live system.
+    description: Host name of the live system; letters, digits and C(-), at most 63, not starting or ending with C(-).
     type: str
     default: liveclone
   live_user:
@@ -109,7 +112,7 @@ options:
     description: Level for V(zstd) (1-22) or V(gzip) (1-9).
     type: int
   block_size:
-    description: squashfs block size in bytes.
+    description: squashfs block size in bytes, a power of two from 4096 to 1048576.
     type: int
     default: 1048576
   exclude:
@@ -131,6 +134,7 @@ options:
       - Directory for the temporary work tree; it is removed after the build. Defaults to
         the cache's base_dir for O(source=cache), so that the writable snapshot is instant,
         and to the directory of O(dest) otherwise.
+      - If set, it must exist, not run through a symlink, and not lie inside O(source_path).
     type: path
   checksums:
     description: Checksum files to write beside the ISO.

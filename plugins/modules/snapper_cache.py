@@ -37,6 +37,7 @@ options:
       - Directory holding the cache, usually where the backup volume is mounted.
         It must exist. Defaults to C(/mnt/<ID>_backup), with ID from the target's
         C(/etc/os-release), as DistroClone Backup does.
+      - It must not run through a symlink nor lie on a kernel filesystem.
     type: path
   source:
     description: Root of the tree to back up.
@@ -52,7 +53,9 @@ options:
     choices: [present, absent, restored]
     default: present
   snapper_config:
-    description: Name of the snapper config of the cache.
+    description:
+      - Name of the snapper config of the cache; letters, digits, C(-), C(_)
+        and C(.), starting with a letter or digit.
     type: str
     default: distroclone-backup
   versioning:
@@ -109,7 +112,7 @@ options:
     type: bool
     default: false
   lock_timeout:
-    description: Seconds to wait for another run on the same cache before failing.
+    description: Seconds to wait for another run on the same cache before failing; 0 or more.
     type: int
     default: 300
 seealso:
