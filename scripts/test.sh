@@ -51,8 +51,8 @@ vm_lane() {
 # run_vm_tiers: the e2e tests and the Molecule scenarios that were asked for.
 # A VM under emulation keeps one core busy: at most two VMs run at once, in
 # two lanes of one VM each, balanced by measured time (e2e backing_store 16,
-# distroclone 25, live_iso 13, rootfs_backup 10, backstore 4 min), then the
-# two-VM backup_then_build scenario (12 min) alone.
+# distroclone 22, live_iso 12, rootfs_backup 15, backstore 5 min), then the
+# two-VM backup_then_build scenario (14 min) alone.
 run_vm_tiers() {
     local lane_one=() lane_two=() after=() failed=0 pid_one pid_two=
     if [[ " ${tiers[*]} " == *" e2e "* ]]; then
