@@ -81,12 +81,19 @@ def tool_argv(tools, name, without=()):
     raise SystemExit("the module never ran %s" % name)
 
 
-def bare(argv, with_cpu=False):
-    """Run a tool bare: (seconds, peak RSS KiB, output[, CPU seconds])."""
+def bare(argv):
+    """Run a tool bare: (seconds, peak RSS KiB, output, CPU seconds)."""
     returncode, out, seconds, rss, cpu = timed(argv)
     if returncode not in (0, 24):
         raise SystemExit("%s exited %d: %s" % (argv[0], returncode, out[-2000:]))
-    return (seconds, rss, out, cpu) if with_cpu else (seconds, rss, out)
+    return seconds, rss, out, cpu
+
+
+def against_rsync(module_times, rsync_times, rss):
+    """The medians of alternating module and bare rsync runs, compared."""
+    module, rsync = statistics.median(module_times), statistics.median(rsync_times)
+    return {"overhead_seconds": round(module - rsync, 3), "module_seconds": round(module, 3),
+            "rsync_seconds": round(rsync, 3), "ratio": round(module / rsync, 3), "peak_rss_mib": mib(max(rss))}
 
 
 def mib(kib):
@@ -163,12 +170,7 @@ def bench_backup(work, volume, rounds, data):
             module_times.append(outcome.seconds)
             rss.append(outcome.max_rss_kib)
             rsync_times.append(bare(tool_argv(tools, "rsync", without=["--dry-run"]))[0])
-        entry["unchanged"] = {
-            "overhead_seconds": round(statistics.median(module_times) - statistics.median(rsync_times), 3),
-            "module_seconds": round(statistics.median(module_times), 3),
-            "rsync_seconds": round(statistics.median(rsync_times), 3),
-            "ratio": round(statistics.median(module_times) / statistics.median(rsync_times), 3),
-            "snapshots_taken": snapshots_taken, "peak_rss_mib": mib(max(rss))}
+        entry["unchanged"] = dict(against_rsync(module_times, rsync_times, rss), snapshots_taken=snapshots_taken)
         log("backup %s unchanged: %s" % (name, entry["unchanged"]))
         rng = random.Random("one percent " + name)
         files = regular_files(source)
@@ -181,13 +183,8 @@ def bench_backup(work, volume, rounds, data):
             rss.append(outcome.max_rss_kib)
             touch_one_percent(files, rng, changeable)
             rsync_times.append(bare(tool_argv(tools, "rsync", without=["--dry-run"]))[0])
-        entry["one_percent_changed"] = {
-            "files_changed": max(1, len(files) // 100),
-            "overhead_seconds": round(statistics.median(module_times) - statistics.median(rsync_times), 3),
-            "module_seconds": round(statistics.median(module_times), 3),
-            "rsync_seconds": round(statistics.median(rsync_times), 3),
-            "ratio": round(statistics.median(module_times) / statistics.median(rsync_times), 3),
-            "peak_rss_mib": mib(max(rss))}
+        entry["one_percent_changed"] = dict(against_rsync(module_times, rsync_times, rss),
+                                            files_changed=max(1, len(files) // 100))
         log("backup %s 1%% changed: %s" % (name, entry["one_percent_changed"]))
         entry["rounds"] = rounds
         results[name] = entry
@@ -222,7 +219,7 @@ def bench_iso(work, volume, rounds):
         position = [os.path.basename(word) for word in squash_argv].index("mksquashfs")
         squashfs = os.path.join(floor_root, "live/filesystem.squashfs")
         argv = squash_argv[:position + 1] + [snapshot, squashfs] + squash_argv[position + 3:]
-        squash_seconds, squash_rss, squash_out = bare(argv)
+        squash_seconds, squash_rss, squash_out, _cpu = bare(argv)
         match = re.search(r"of uncompressed filesystem size \(([\d.]+) Kbytes\)", squash_out)
         floor_input = int(float(match.group(1)) * 1024) if match else None
         kernel = sorted(name for name in os.listdir(os.path.join(snapshot, "boot")) if name.startswith("vmlinuz-"))
@@ -235,7 +232,7 @@ def bench_iso(work, volume, rounds):
         iso_root = rescue_argv[position + 2]
         argv = [os.path.join(work, "floor.iso") if word == rescue_argv[position + 1] else
                 floor_root if word == iso_root else word for word in rescue_argv]
-        rescue_seconds, rescue_rss, _out = bare(argv)
+        rescue_seconds, rescue_rss, _out, _cpu = bare(argv)
         floor_times.append(squash_seconds + rescue_seconds)
         rss += [squash_rss, rescue_rss]
     result = {"rounds": rounds, "module_seconds": round(statistics.median(module_times), 2),
@@ -258,8 +255,7 @@ def bench_compression(work):
         if os.path.exists(output):
             os.unlink(output)
         log("compression: %s" % name)
-        seconds, rss, _out, cpu = bare(["mksquashfs", tree, output, "-noappend", "-no-progress", "-quiet"] + options,
-                                       with_cpu=True)
+        seconds, rss, _out, cpu = bare(["mksquashfs", tree, output, "-noappend", "-no-progress", "-quiet"] + options)
         results["presets"][name] = {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
                                     "bytes": os.path.getsize(output),
                                     "ratio": round(size / os.path.getsize(output), 2), "peak_rss_mib": mib(rss)}
@@ -361,7 +357,7 @@ def write_report(results):
     chart = []
     backup = results.get("backup")
     if backup:
-        rounds = next(iter(backup.values())).get("rounds", "?")
+        rounds = next(iter(backup.values()))["rounds"]
         lines += ["## Backups (snapper_cache against bare rsync; %s rounds)" % rounds, "",
                   "| data | files | size | case | module s | rsync s | module - rsync s | ratio | goal 1.15 "
                   "| peak RSS MiB |",
@@ -371,7 +367,7 @@ def write_report(results):
                 item = entry[case]
                 lines.append("| %s | %d | %d MB | %s | %.2f | %.2f | %.2f | %.2f | %s | %s |" % (
                     name, entry["files"], entry["bytes"] // 10 ** 6, case.replace("_", " "), item["module_seconds"],
-                    item["rsync_seconds"], item.get("overhead_seconds", item["module_seconds"] - item["rsync_seconds"]),
+                    item["rsync_seconds"], item["overhead_seconds"],
                     item["ratio"], verdict(item["ratio"]),
                     item["peak_rss_mib"]))
                 chart.append(("%s %s" % (name, "unchanged" if case == "unchanged" else "1%"), item["ratio"]))
@@ -380,7 +376,7 @@ def write_report(results):
     iso = results.get("iso")
     if iso:
         title = "## ISO from a snapshot (live_iso against mksquashfs + grub-mkrescue; %s rounds)" % (
-            iso.get("rounds", "?"))
+            iso["rounds"])
         lines += [title, "",
                   "| module s | floor s | ratio | goal 1.15 | ISO bytes | peak RSS MiB |",
                   "| ---: | ---: | ---: | --- | ---: | ---: |",
@@ -408,7 +404,7 @@ def write_report(results):
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name, item in compression["presets"].items():
             lines.append("| %s | %.1f | %.1f | %.1f | %.2f | %s |" % (
-                name, item["seconds"], item.get("cpu_seconds", 0), item["bytes"] / 10 ** 6, item["ratio"],
+                name, item["seconds"], item["cpu_seconds"], item["bytes"] / 10 ** 6, item["ratio"],
                 item["peak_rss_mib"]))
         lines.append("")
     grow = results.get("grow")
