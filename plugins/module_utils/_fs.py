@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -75,6 +76,56 @@ def check_real_path(name, path, include_last=True):
     fstype = mount_of(path).fstype
     if fstype in PSEUDO_FSTYPES:
         return "%s %s is on the kernel's %s filesystem; choose a path on a disk" % (name, path, fstype)
+    return None
+
+
+def canonical_path(path):
+    """path with '//', '/./', '..' and trailing slashes resolved as text (the
+    kernel reads '//' as '/', os.path.normpath keeps it). Every rule on a path
+    parameter is checked on this form, and check_real_path then refuses the
+    path when a link on the way would make the kernel resolve it elsewhere."""
+    if not path:
+        return path
+    canonical = os.path.normpath(path)
+    if canonical.startswith("//"):
+        canonical = "/" + canonical.lstrip("/")
+    return canonical
+
+
+# What an errno means to the person running the module, and what to do.
+_OS_ERROR_ADVICE = {
+    errno.EROFS: "the filesystem is mounted read-only; remount it read-write or choose a path on another one",
+    errno.ENOSPC: "the filesystem is full (of data or of inodes: see df -h and df -i); free space or grow it",
+    errno.EDQUOT: "a disk quota is exhausted; raise it or free space",
+    errno.EPERM: "the kernel refused; if the file is immutable or append-only (lsattr), clear it with chattr -i -a",
+    errno.EACCES: "permission denied; run as root, and check the mount options (noexec, nosuid) and any LSM",
+    errno.ENOTDIR: "a component of the path is not a directory; fix the path",
+    errno.EISDIR: "a directory stands where a file is expected; move it away",
+    errno.ELOOP: "a symlink stands where a real file or directory is expected; it is never followed, remove it",
+    errno.ENAMETOOLONG: "the name is too long for the filesystem; choose a shorter one",
+    errno.EBUSY: "the path is in use (a mount point, or held open); unmount or stop what uses it",
+}
+
+
+def describe_os_error(error, doing=None):
+    """One message for an OSError: what failed on which path, why, what to do."""
+    path = error.filename or ""
+    if error.filename2:
+        path = "%s -> %s" % (error.filename, error.filename2)
+    cause = error.strerror or str(error)
+    advice = _OS_ERROR_ADVICE.get(error.errno, "fix the cause and run again")
+    return "%s%s: %s; %s. Nothing more was changed." % (
+        doing + " " if doing else "", path or "(no path)", cause, advice)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_path_text(name, path):
+    """None, or the message refusing path parameter `name` for a control
+    character (a newline would split the config lines a path goes into)."""
+    if path and _CONTROL.search(path):
+        return "%s %r holds a control character (a newline, tab or the like); rename the path" % (name, path)
     return None
 
 

@@ -15,6 +15,7 @@ import threading
 import time
 
 INJECT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reliability/inject")
+THROWAWAY_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "throwaway_root.py")
 MODULE_TIMEOUT = 1800
 
 
@@ -69,14 +70,32 @@ def timed(argv, env=None, timeout=MODULE_TIMEOUT, new_session=False):
                 usage.ru_utime + usage.ru_stime)
 
 
-def run_module(work, module, params, fault=None, trace=None, check=False, diff=False):
+def throwaway_read_only():
+    """What a throwaway root binds read-only beyond /usr and /etc: the venv and the collection."""
+    return [os.path.dirname(os.path.dirname(sys.executable)), collections_root()]
+
+
+def make_throwaway_root(path):
+    """A scratch directory ready to be a throwaway root for run_module(root=path)."""
+    sys.path.insert(0, os.path.dirname(THROWAWAY_ROOT))
+    from throwaway_root import skeleton
+    os.makedirs(path)
+    skeleton(path, throwaway_read_only())
+    return path
+
+
+def run_module(work, module, params, fault=None, trace=None, check=False, diff=False, root=None):
     """Run liveclone.core.MODULE with params; with fault, under the injector;
-    with trace (a file path), recording the argv of every tool it starts."""
-    handle, args_path = tempfile.mkstemp(prefix=".module-args-", suffix=".json", dir=work)
+    with trace (a file path), recording the argv of every tool it starts;
+    with root (a scratch directory), chrooted into it as a throwaway root
+    (tests/lib/throwaway_root.py), where `/` is that directory."""
+    handle, args_path = tempfile.mkstemp(prefix=".module-args-", suffix=".json", dir=root or work)
     marker = os.path.join(work, ".fault-marker.json")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(marker)
     arguments = dict(params, _ansible_check_mode=check, _ansible_diff=diff)
+    if root:
+        arguments["_ansible_remote_tmp"] = "/tmp"  # the throwaway root's own tmpfs
     with os.fdopen(handle, "w") as args_file:
         json.dump({"ANSIBLE_MODULE_ARGS": arguments}, args_file)
     paths = ([INJECT] if fault or trace else []) + [collections_root()]
@@ -87,9 +106,11 @@ def run_module(work, module, params, fault=None, trace=None, check=False, diff=F
         env["LIVECLONE_FAULT"] = json.dumps(dict(fault, marker=marker))
     if trace:
         env["LIVECLONE_TRACE"] = trace
-    returncode, out, seconds, max_rss, _cpu = timed(
-        [sys.executable, "-m", "ansible_collections.liveclone.core.plugins.modules." + module, args_path],
-        env=env, new_session=True)
+    argv = [sys.executable, "-m", "ansible_collections.liveclone.core.plugins.modules." + module, args_path]
+    if root:
+        argv = (["unshare", "--mount", "--propagation", "private", "--", sys.executable, THROWAWAY_ROOT,
+                 root] + throwaway_read_only() + ["--"] + argv[:-1] + ["/" + os.path.relpath(args_path, root)])
+    returncode, out, seconds, max_rss, _cpu = timed(argv, env=env, new_session=True)
     os.unlink(args_path)
     result = None
     if "{" in out:

@@ -18,11 +18,13 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "tests/lib"))
+from module_run import make_throwaway_root  # noqa: E402
 from sandbox import loop_devices_on, mounted_under, require_root_namespace  # noqa: E402  (after the path insert)
 from sandbox import sandbox as liveclone_sandbox  # noqa: E402
 
 BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
-TALLY = {"faults injected": 0, "faults survived": 0, "bad inputs tried": 0, "bad inputs rejected cleanly": 0}
+TALLY = {"faults injected": 0, "faults survived": 0, "bad inputs tried": 0, "bad inputs rejected cleanly": 0,
+         "hostile cases tried": 0, "hostile cases held": 0}
 
 
 def run(argv, **kwargs):
@@ -121,6 +123,76 @@ def sandbox():
         yield work
 
 
+class Canary:
+    """A tree outside every target, shaped like what hosts hold (a home with
+    files, logs, SSH keys, a config), that hostile cases point their planted
+    links at. Its digest must be the same after every case."""
+
+    def __init__(self, root):
+        self.root = root
+        for relative, text in (("data/home/alice/notes.txt", "alice's notes\n"),
+                               ("data/home/alice/.bashrc", "# alice\n"),
+                               ("data/log/syslog", "a log line\n"),
+                               ("data/ssh/ssh_host_ed25519_key", "not a real key\n"),
+                               ("data/etc/passwd", "root:x:0:0:root:/root:/bin/bash\n"),
+                               ("data/etc/hostname", "canary\n"),
+                               ("data/file.txt", "a file elsewhere\n")):
+            path = os.path.join(root, relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as handle:
+                handle.write(text)
+        os.makedirs(os.path.join(root, "data/empty"))
+        self.expected = self.digest()
+
+    def path(self, relative=""):
+        """An absolute path in the canary, to plant links to."""
+        return os.path.join(self.root, relative)
+
+    def digest(self):
+        found = tree_digest(self.root)
+        for relative, (kind, _mode, _content) in list(found.items()):
+            if kind == "dir":  # times and modes too: a chmod or chown through a link is harm
+                info = os.lstat(os.path.join(self.root, relative))
+                found[relative] += (info.st_mode, info.st_uid, info.st_gid)
+        return found
+
+    def changes(self):
+        now = self.digest()
+        return sorted(set(now.items()) ^ set(self.expected.items()))
+
+
+@pytest.fixture(scope="session")
+def canary(sandbox):
+    return Canary(os.path.join(sandbox, "canary"))
+
+
+@contextlib.contextmanager
+def hostile_case(canary, *watched):
+    """One hostile case: counted, and held only when the canary and every
+    watched tree (a victim subvolume, a throwaway root) are unchanged."""
+    before = [tree_digest(path) for path in watched]
+    TALLY["hostile cases tried"] += 1
+    yield
+    changes = canary.changes()
+    assert not changes, "the canary outside the target changed: %s" % changes[:10]
+    for path, digest in zip(watched, before):
+        assert tree_digest(path) == digest, "%s changed" % path
+    TALLY["hostile cases held"] += 1
+
+
+@pytest.fixture
+def throwaway_root(sandbox, request):
+    """A scratch directory to run a module chrooted in, where `/` and `//` are
+    it (module_run.run_module(..., root=...)); its digest must not change."""
+    root = make_throwaway_root(
+        os.path.join(sandbox, "root-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]))
+    with open(os.path.join(root, "keep.txt"), "w") as handle:
+        handle.write("the throwaway root's own file\n")
+    yield root
+    for target in sorted(mounted_under(root), reverse=True):
+        subprocess.run(["umount", "-l", target], check=False)
+
+
 @pytest.fixture(scope="session")
 def debian_tree():
     """The cached debootstrap'd Debian 12 tree with a kernel and live-boot."""
@@ -140,4 +212,5 @@ def tally():
 def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(
         "reliability: faults injected %(faults injected)d, survived %(faults survived)d; "
-        "bad inputs tried %(bad inputs tried)d, rejected cleanly %(bad inputs rejected cleanly)d" % TALLY)
+        "bad inputs tried %(bad inputs tried)d, rejected cleanly %(bad inputs rejected cleanly)d; "
+        "hostile cases tried %(hostile cases tried)d, held %(hostile cases held)d" % TALLY)
