@@ -8,8 +8,12 @@ packages=linux-image-amd64,systemd-sysv,live-boot,live-config,live-config-system
 cache=${LIVECLONE_CACHE:-/var/cache/liveclone}
 key=$(printf 'bookworm %s' "$packages" | sha256sum | cut -c1-12)
 tree=$cache/trees/bookworm-live-$key
+mkdir -p "$cache/trees"
+# Two callers at once (parallel test runs) wait for one build: a second mv
+# would nest its tree inside the first.
+exec {lock}>"$cache/trees/.lock"
+flock "$lock"
 if [ ! -d "$tree" ]; then
-    mkdir -p "$cache/trees"
     partial=$(mktemp -d "$cache/trees/.partial-XXXXXX")
     trap 'rm -rf --one-file-system "$partial"' EXIT
     debootstrap --variant=minbase --include="$packages" bookworm "$partial" \
