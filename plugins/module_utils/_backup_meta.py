@@ -5,8 +5,9 @@
 """DistroClone's KEY="value" metadata files (.backup_meta), read as data.
 
 DistroClone sources these files as shell, so values are written with the
-characters that are special inside double quotes escaped; this module only
-ever parses them.
+characters that are special inside double quotes escaped, and with every
+control character and line separator made a space: one line per key,
+whatever a source's os-release holds. This module only ever parses them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import math
 import re
 
 META_KEYS = ("META_DATE", "META_DISTRO", "META_SIZE", "META_KERNEL", "META_SNAPSHOT")
-_LINE = re.compile(r'^([A-Z][A-Z0-9_]*)="((?:[^"\\]|\\.)*)"\s*$')
+_LINE = re.compile(r'([A-Z][A-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _SPECIAL = re.compile(r'([\\"$`])')
+# What would end a line for the shell or for str.splitlines(): a value must stay on its key's line.
+_LINE_BREAKING = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 
 def format_meta(values):
@@ -25,7 +28,7 @@ def format_meta(values):
     keys += sorted(key for key in values if key not in META_KEYS)
     lines = []
     for key in keys:
-        value = str(values[key]).replace("\n", " ")
+        value = _LINE_BREAKING.sub(" ", str(values[key]))
         lines.append('%s="%s"' % (key, _SPECIAL.sub(r"\\\1", value)))
     return "\n".join(lines) + "\n"
 
@@ -33,8 +36,8 @@ def format_meta(values):
 def parse_meta(text):
     """The KEY="value" pairs of a metadata file; other lines are ignored."""
     values = {}
-    for line in text.splitlines():
-        match = _LINE.match(line.strip())
+    for line in text.split("\n"):
+        match = _LINE.fullmatch(line.strip())
         if match:
             values[match.group(1)] = re.sub(r"\\(.)", r"\1", match.group(2))
     return values

@@ -163,9 +163,9 @@ class Tree:
     def walk(self, relative=""):
         """(relative directory, directory names, other names) for the tree at
         relative, top down; links are listed, never entered."""
+        top = "/".join(relative_parts(relative))  # '..' is refused, not taken for a link
         try:
             with self.directory(relative) as fd:
-                top = "/".join(relative_parts(relative))
                 for directory, dirs, files, dir_fd in os.fwalk(".", dir_fd=fd):
                     # fwalk lists a link to a directory among the directories (not entering it).
                     links = [name for name in dirs if _is_link_at(dir_fd, name)]
@@ -235,14 +235,21 @@ class Tree:
             os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
 
     def chown_tree(self, relative, uid, gid):
-        """lchown of relative and everything beneath it."""
-        self.lchown(relative, uid, gid)
+        """lchown of relative and everything beneath it ('' is the whole tree, its root included)."""
+        if relative_parts(relative):
+            self.lchown(relative, uid, gid)
+        else:
+            os.fchown(self.fd, uid, gid)
         for directory, dirs, files in self.walk(relative):
             for name in dirs + files:
                 self.lchown(os.path.join(directory, name), uid, gid)
 
     def copy_within(self, source, dest):
-        """Copy the tree at source into dest (both beneath the root), links as links."""
+        """Copy the tree at source into dest (both beneath the root), links as
+        links. source must be a real directory: a link there (or on the way) is
+        refused, not copied as nothing."""
+        with self.directory(source):
+            pass
         self.makedirs(dest)
         for directory, dirs, files in self.walk(source):
             inner = os.path.relpath(directory, "/".join(relative_parts(source)) or ".")
@@ -302,10 +309,22 @@ class Tree:
         os.rmdir(name, dir_fd=dir_fd)
 
     def mount_points(self):
+        """The mount points beneath the root, spelled as self.path() spells
+        them. mountinfo names them by the kernel's path of the root, which
+        differs from self.root when that has a link on the way, '//' or '..'."""
         if self._mount_points is None:
-            root = self.root.rstrip("/") + "/"
-            self._mount_points = frozenset(m.point for m in read_mounts() if m.point.startswith(root))
+            real = self._real_root()
+            prefix = real.rstrip("/") + "/"
+            self._mount_points = frozenset(self.path(m.point[len(prefix):]) for m in read_mounts()
+                                           if m.point.startswith(prefix) and m.point != real)
         return self._mount_points
+
+    def _real_root(self):
+        """The kernel's path of the open root (as mountinfo spells paths)."""
+        try:
+            return os.readlink("/proc/self/fd/%d" % self.fd)
+        except OSError:
+            return os.path.realpath(self.root)
 
 
 def _is_link_at(dir_fd, name):

@@ -15,6 +15,7 @@ from the source, so the same input gives the same bytes.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import datetime
@@ -30,8 +31,18 @@ import stat
 import tempfile
 import time
 
+from ._beneath import BeneathError, Tree, relative_parts
 from ._command import CommandError
-from ._fs import check_real_path, create_file, is_within, read_mounts, write_atomically
+from ._fs import (
+    canonical_path,
+    check_path_text,
+    check_real_path,
+    is_within,
+    read_file,
+    read_mounts,
+    symlink_on,
+    write_atomically,
+)
 from ._rsync import RSYNC_VANISHED, copy_argv
 from ._snapper_cache import (
     BTRFS_SUBVOLUME_INODE,
@@ -41,7 +52,14 @@ from ._snapper_cache import (
     CacheReader,
     Snapper,
     mount_excludes,
-    read_os_release,
+)
+from ._text import (
+    check_boot_param,
+    check_host_name,
+    check_label,
+    check_plain_text,
+    check_snapper_name,
+    check_user_name,
 )
 
 WORK_PREFIX = ".liveclone-iso-work-"
@@ -49,7 +67,30 @@ MANIFEST_SUFFIX = ".manifest.json"
 MIB = 1024 * 1024
 # What grub-mkrescue adds to the files of the ISO tree: its BIOS and EFI images.
 ISO_OVERHEAD = 32 * MIB
-HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+# An ISO 9660 volume id holds 32 bytes.
+ISO_LABEL_BYTES = 32
+# `latest`, a snapper number, or a legacy btrfs snapshot's @YYYY-MM-DD_HH:MM[_N].
+SNAPSHOT_NAME = re.compile(r"latest|[0-9]+|@[0-9]{4}-[0-9]{2}-[0-9]{2}_[0-9]{2}:[0-9]{2}(?:_[0-9]+)?")
+COMPRESSION_LEVELS = {"zstd": (1, 22), "gzip": (1, 9)}
+PATH_PARAMS = ("dest", "cache_dir", "source_path", "work_dir")
+# What the room check before the copy assumes at least of the compression: a
+# lower bound (lz4 gives about 2, zstd about 3.3, xz about 4), so that it
+# refuses only a build that cannot fit; the exact check follows the squashfs.
+ASSUMED_RATIO = 4
+# Inodes the build needs beside the copy: the ISO, its checksums, the manifest, temporary names.
+SPARE_INODES = 64
+# FS_IOC_GETFLAGS and the lsattr flags that make a file refuse changes.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The parameters' defaults, as the module's argument spec has them (for check_params on a partial dict).
+DEFAULTS = dict(
+    dest=None, source="cache", cache_dir=None, snapper_config="distroclone-backup", snapshot="latest",
+    source_path=None, label="LIVECLONE", hostname="liveclone", live_user="live", live_password=None,
+    root_password=None, boot_params=[], persistence=True, installer="none", install_missing=False,
+    compression="zstd", compression_level=None, block_size=1048576, exclude=[], keep_home=False,
+    keep_users=[], work_dir=None, checksums=["sha256"], force=False)
 MANIFEST_VERSION = 1
 CLONE_NEWNS = 0x00020000
 
@@ -64,7 +105,15 @@ SECRET_GLOBS = (
 )
 HISTORY_NAMES = (".bash_history", ".zsh_history", ".python_history", ".lesshst", ".viminfo",
                  ".mysql_history", ".psql_history")
-EMPTIED_DIRS = ("tmp", "var/tmp", "var/cache/apt/archives", "var/lib/apt/lists")
+# Emptied in the image, with the mode each gets when the module has to make it.
+EMPTIED_DIRS = (("tmp", 0o1777), ("var/tmp", 0o1777), ("var/cache/apt/archives", 0o755),
+                ("var/lib/apt/lists", 0o755))
+# Where the chroot of the image gets its kernel filesystems, in mount order.
+CHROOT_MOUNTS = ((["mount", "-t", "proc", "proc"], "proc", 0o555), (["mount", "-t", "sysfs", "sysfs"], "sys", 0o555),
+                 (["mount", "--bind", "/dev"], "dev", 0o755), (["mount", "-t", "devpts", "devpts"], "dev/pts", 0o755),
+                 (["mount", "-t", "tmpfs", "tmpfs"], "run", 0o755), (["mount", "-t", "tmpfs", "tmpfs"], "tmp", 0o1777))
+LIVE_PACKAGES = ("live-boot", "live-config", "live-config-systemd")
+CALAMARES_PACKAGES = ("calamares", "calamares-settings-debian")
 COMPRESSORS = {"zstd": "-Xcompression-level", "gzip": "-Xcompression-level", "xz": None, "lz4": None}
 
 
@@ -101,6 +150,8 @@ class Source:
         self.epoch = None
         self.subvolume = False
         self.base_dir = None
+        self.size = None  # bytes of regular files, and entries, that the image would hold
+        self.entries = None
 
     def view(self):
         return {"kind": self.kind, "path": self.root, "snapshot": self.snapshot,
@@ -112,10 +163,11 @@ class IsoBuilder:
         self.module = module
         self.runner = runner
         self.params = params
-        self.dest = os.path.normpath(params["dest"])
+        self.dest = canonical_path(params["dest"])
         self.operations = []
         self.warnings = []
         self.stages = {}
+        self._snapshot_copy = None
 
     # --- source -----------------------------------------------------------
 
@@ -129,7 +181,12 @@ class IsoBuilder:
             if not os.path.isdir(base_dir):
                 raise IsoError("cache_dir %s does not exist; give the base_dir of a snapper_cache backup "
                                "(mount its volume first), or use source: path" % base_dir)
-            cache = reader.read(os.path.normpath(base_dir))
+            cache = reader.read(base_dir)
+            # What the reader refused to take for the cache or a snapshot (a link, a mount point).
+            problems = list(getattr(cache, "problems", []))
+            if problems and not cache.snapshots:
+                raise IsoError("cache_dir %s holds no snapshot to build from: %s" % (base_dir, "; ".join(problems)))
+            self.warnings += problems + list(getattr(cache, "ignored", []))
             if not cache.snapshots:
                 raise IsoError("cache_dir %s holds no snapshot; back it up with liveclone.core.snapper_cache "
                                "first, or use source: path" % base_dir)
@@ -139,6 +196,7 @@ class IsoBuilder:
             if snapshot is None:
                 raise IsoError("snapshot %s is not in %s (snapshots: %s)" % (
                     wanted, base_dir, ", ".join(s.name for s in sorted(cache.snapshots, key=lambda s: s.order))))
+            self._check_snapshot_path(snapshot.path, base_dir)
             if not snapshot.read_only:
                 raise IsoError("snapshot %s is not read-only; refusing to build from a tree that "
                                "may change" % snapshot.path)
@@ -147,21 +205,40 @@ class IsoBuilder:
         elif kind == "path":
             if not self.params["source_path"]:
                 raise IsoError("source path needs source_path, the root of the tree to build from")
-            source = Source("path", os.path.normpath(self.params["source_path"]))
+            source = Source("path", self.params["source_path"])
         else:
             source = Source("live", "/")
-        if not os.path.isdir(os.path.join(source.root, "etc")):
-            what = {"cache": "snapshot", "path": "source_path", "live": "source live"}[kind]
-            if not os.path.isdir(source.root):
-                raise IsoError("%s %s does not exist; give the root of a system tree (a directory with "
-                               "etc/ and boot/)" % (what, source.root))
-            raise IsoError("%s %s does not look like a root tree (no etc/); give the root of a system "
-                           "tree (a directory with etc/ and boot/)" % (what, source.root))
-        if kind == "path":
-            self._check_outside_source(source.root)
-        self._check_family(source.root)
+        what = {"cache": "snapshot", "path": "source_path", "live": "source live"}[kind]
+        if not os.path.isdir(source.root) or os.path.islink(source.root):
+            raise IsoError("%s %s does not exist; give the root of a system tree (a directory with "
+                           "etc/ and boot/)" % (what, source.root))
+        with Tree(source.root) as tree:
+            etc = tree.lstat("etc")
+            if etc is not None and stat.S_ISLNK(etc.st_mode):
+                raise IsoError("%s %s has a symlink for etc (to %s); the image's etc must be a real directory "
+                               "of the tree: make it one in the source" % (what, source.root,
+                                                                            _link_target(tree, "etc")))
+            if etc is None or not stat.S_ISDIR(etc.st_mode):
+                raise IsoError("%s %s does not look like a root tree (no etc/); give the root of a system "
+                               "tree (a directory with etc/ and boot/)" % (what, source.root))
+            if kind == "path":
+                self._check_outside_source(source.root)
+            self._check_family(tree)
         self._identify(source)
         return source
+
+    @staticmethod
+    def _check_snapshot_path(path, base_dir):
+        """A cache's entries are never followed: a snapshot reached through a
+        link (.rootfs_cache or a legacy @DATE entry planted as one) is not the cache's."""
+        if not is_within(path, base_dir):
+            raise IsoError("the snapshot %s is not inside cache_dir %s; give the base_dir of the cache that holds "
+                           "it" % (path, base_dir))
+        link = symlink_on(path)
+        if link:
+            raise IsoError("the snapshot %s of cache_dir %s runs through the symlink %s (to %s); the entries of a "
+                           "cache are never followed: remove the link, then back up again with "
+                           "liveclone.core.snapper_cache" % (path, base_dir, link, os.readlink(link)))
 
     def _check_outside_source(self, root):
         """dest and work_dir inside a source tree would be copied into the next build (and
@@ -173,8 +250,8 @@ class IsoBuilder:
                 raise IsoError("%s %s is inside the source tree %s, so the build would copy its own output; "
                                "choose a %s outside the source" % (name, path, root, name))
 
-    def _check_family(self, root):
-        release = read_os_release(os.path.join(root, "etc/os-release"))
+    def _check_family(self, tree):
+        release = parse_os_release(read_in_tree(tree, "etc/os-release") or b"")
         family = {release.get("ID", "")} | set(release.get("ID_LIKE", "").split())
         if not family & {"debian", "ubuntu"}:
             raise IsoError(
@@ -197,17 +274,20 @@ class IsoBuilder:
                 source.epoch = int(datetime.datetime.strptime(created, "%Y-%m-%d %H:%M:%S %z").timestamp())
                 return
         # A tree that can change: fingerprint what the image would contain.
-        digest, newest = hashlib.sha256(), 0
+        digest, newest, size, entries = hashlib.sha256(), 0, 0, 0
         for entry in self._walk(source.root, self._copy_excludes(source)):
             digest.update(entry[0].encode("utf-8", "surrogateescape"))
             digest.update(repr(entry[1:]).encode())
             newest = max(newest, entry[3])
+            size += entry[2]
+            entries += 1
         source.identity = "tree:" + digest.hexdigest()
         source.epoch = newest or 0
+        source.size, source.entries = size, entries
 
     def _is_subvolume(self, path):
-        st = os.stat(path)
-        return st.st_ino == BTRFS_SUBVOLUME_INODE and self._fstype(path) == "btrfs"
+        st = os.lstat(path)
+        return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_SUBVOLUME_INODE and self._fstype(path) == "btrfs"
 
     def _fstype(self, path):
         return self.runner.run(["findmnt", "-n", "-o", "FSTYPE", "--target", path])[1].strip()
@@ -278,9 +358,11 @@ class IsoBuilder:
         if self.params["force"] or os.path.islink(self.dest) or not os.path.isfile(self.dest):
             return None
         try:
-            with open(self.manifest_path()) as handle:
-                manifest = json.load(handle)
-        except (OSError, ValueError):
+            # A manifest that is a link is never followed (nor trusted).
+            manifest = json.loads(read_file(self.manifest_path()) or "null")
+        except ValueError:
+            return None
+        if not isinstance(manifest, dict):
             return None
         if (manifest.get("version") != MANIFEST_VERSION or manifest.get("source_identity") != source.identity
                 or manifest.get("options_digest") != digest):
@@ -294,17 +376,108 @@ class IsoBuilder:
             return None
         return manifest
 
+    # --- can it finish? ----------------------------------------------------
+
+    def preflight(self, source):
+        """Refuse, before anything is copied or removed, what would stop the
+        build later: a kernel that is a link out of the tree, missing live
+        packages, a live_user that the source keeps, a read-only, immutable or
+        full destination."""
+        with Tree(source.root) as tree:
+            found = kernels(tree, "the source")
+            if not found:
+                raise IsoError("the source has no kernel in /boot; install linux-image-amd64 in it")
+            missing = missing_packages(tree, self.params["installer"])
+            if missing and not self.params["install_missing"]:
+                raise IsoError(
+                    "the source lacks %s; install them in the source (apt-get install %s), or set "
+                    "install_missing: true to install them into the image from its own repositories"
+                    % (", ".join(missing), " ".join(missing)))
+            user = self.params["live_user"]
+            if user:
+                for fields in _read_db(tree, "etc/passwd", "the source") or []:
+                    if fields[0] == user and not self._removed(fields):
+                        raise IsoError("live_user %s already exists in the source as a system user (or one of "
+                                       "keep_users); choose another name" % user)
+        self.check_can_finish(source)
+
+    def _removed(self, fields):
+        """Whether the image drops the account of this passwd line."""
+        uid = _uid(fields)
+        return uid is not None and FIRST_USER_UID <= uid < NOBODY_UID and fields[0] not in self.params["keep_users"]
+
+    def check_can_finish(self, source):
+        """Refuse a destination or work directory that cannot take the build:
+        read-only, immutable or append-only, or without room for the copy and
+        at least a lower bound of the ISO. Reads only."""
+        dest_dir = os.path.dirname(self.dest)
+        parent = self._work_parent(source)
+        for name, directory in (("the directory of dest", dest_dir), ("the work directory", parent)):
+            problem = _unwritable(directory)
+            if problem:
+                raise IsoError("%s, %s, %s. Nothing was changed." % (name, directory, problem))
+        for path in [self.dest, self.manifest_path()] + ["%s.%s" % (self.dest, name) for name in ("sha256", "md5")]:
+            problem = _unchangeable(path)
+            if problem:
+                raise IsoError("%s %s; the build would fail only at its end. Nothing was changed." % (path, problem))
+        size, entries = self._source_size(source)
+        iso = size // ASSUMED_RATIO + ISO_OVERHEAD
+        copy = 0 if self._copies_by_snapshot(source, parent) else size
+        needs = {}
+        for directory, needed, inodes in ((dest_dir, iso, SPARE_INODES), (parent, copy + iso, entries if copy else 0)):
+            device = os.stat(directory).st_dev
+            known = needs.setdefault(device, [directory, 0, 0])
+            known[1] += needed
+            known[2] += inodes
+        for directory, needed, inodes in needs.values():
+            info = os.statvfs(directory)
+            free = info.f_bavail * info.f_frsize
+            if free < needed:
+                raise IsoError(
+                    "not enough free space for the ISO in %s: about %d MiB needed at least (%s%s MiB for the ISO, a "
+                    "quarter of the source's %d MiB and %d MiB for the boot images), %d MiB free; free space there "
+                    "or choose a dest on a larger filesystem (or a work_dir elsewhere). Nothing was changed." % (
+                        directory, needed // MIB, "%d MiB for the copy, " % (copy // MIB)
+                        if directory == parent and copy else "", iso // MIB, size // MIB, ISO_OVERHEAD // MIB,
+                        free // MIB))
+            if info.f_files and info.f_favail < inodes + SPARE_INODES:
+                raise IsoError("the filesystem of %s is out of inodes (%d free, about %d needed for the copy); "
+                               "free some (df -i) or choose a work_dir elsewhere. Nothing was changed." % (
+                                   directory, info.f_favail, inodes + SPARE_INODES))
+
+    def _source_size(self, source):
+        if source.size is None:
+            size = entries = 0
+            for entry in self._walk(source.root, self._copy_excludes(source)):
+                size += entry[2]
+                entries += 1
+            source.size, source.entries = size, entries
+        return source.size, source.entries
+
+    def _copies_by_snapshot(self, source, parent):
+        """Whether the copy is a btrfs snapshot (instant, no room needed) rather than rsync."""
+        if self._snapshot_copy is None:
+            self._snapshot_copy = bool(source.subvolume and self._fs_uuid(source.root) == self._fs_uuid(parent))
+        return self._snapshot_copy
+
     # --- build ------------------------------------------------------------
 
     def _work_parent(self, source):
         if self.params["work_dir"]:
-            return os.path.normpath(self.params["work_dir"])
+            return canonical_path(self.params["work_dir"])
         if source.kind == "cache":
             return source.base_dir  # same btrfs filesystem: the snapshot is instant
         return os.path.dirname(self.dest)
 
     def remove_stale_work(self, parent):
-        for path in sorted(glob.glob(os.path.join(parent, WORK_PREFIX + "*"))):
+        for path in sorted(glob.glob(os.path.join(glob.escape(parent), WORK_PREFIX + "*"))):
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode):
+                # Not a work tree of ours (we make directories): a link is removed, never followed.
+                os.unlink(path)
+                self.operations.append("removed %s (a %s, not a work tree) from %s" % (
+                    os.path.basename(path), "symlink" if stat.S_ISLNK(info.st_mode) else "file", parent))
+                continue
             self._remove_work(path)
             self.operations.append("removed %s left by an interrupted build" % path)
 
@@ -314,9 +487,13 @@ class IsoBuilder:
     def remove_stale_isos(self):
         """Remove temporary copies of the ISO, its manifest and checksums (.NAME.*)
         that a killed build left. The caller holds the lock on dest's directory,
-        so no build of ours is writing them."""
-        pattern = os.path.join(os.path.dirname(self.dest), "." + glob.escape(os.path.basename(self.dest)) + ".*")
+        so no build of ours is writing them. A directory there is not ours and stays."""
+        pattern = os.path.join(glob.escape(os.path.dirname(self.dest)),
+                               "." + glob.escape(os.path.basename(self.dest)) + ".*")
         for path in sorted(glob.glob(pattern)):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                self.warnings.append("%s is a directory, not a file left by a build; it was left alone" % path)
+                continue
             os.unlink(path)
             self.operations.append("removed %s left by an interrupted build" % path)
 
@@ -325,9 +502,11 @@ class IsoBuilder:
             self.runner.run(["umount", point])
         if mounts_under(path):
             raise IsoError("%s still has mounts; not removing it" % path)
-        rootfs = os.path.join(path, "rootfs")
-        if os.path.isdir(rootfs) and os.stat(rootfs).st_ino == BTRFS_SUBVOLUME_INODE:
-            self.runner.run(["btrfs", "subvolume", "delete", rootfs])
+        with Tree(path) as tree:
+            rootfs = tree.lstat("rootfs")
+        if (rootfs is not None and stat.S_ISDIR(rootfs.st_mode) and rootfs.st_ino == BTRFS_SUBVOLUME_INODE
+                and rootfs.st_dev != os.lstat(path).st_dev):
+            self.runner.run(["btrfs", "subvolume", "delete", os.path.join(path, "rootfs")])
         shutil.rmtree(path)
 
     @contextlib.contextmanager
@@ -342,9 +521,12 @@ class IsoBuilder:
             raise IsoError("work_dir %s does not exist" % parent)
         self.remove_stale_work(parent)
         self.remove_stale_isos()
-        work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent)
-        temp_iso = None
+        # The ISO's temporary file first: a destination that takes no file fails here, before the copy.
+        fd, temp_iso = tempfile.mkstemp(prefix=self.temp_iso_prefix(), dir=os.path.dirname(self.dest))
+        os.close(fd)
+        work = None
         try:
+            work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent)
             rootfs = os.path.join(work, "rootfs")
             with self._stage("copy"):
                 self._copy_source(source, rootfs)
@@ -362,9 +544,6 @@ class IsoBuilder:
             with self._stage("bootloader"):
                 self._boot_files(rootfs, iso_root)
             with self._stage("iso"):
-                fd, temp_iso = tempfile.mkstemp(prefix=self.temp_iso_prefix(),
-                                                dir=os.path.dirname(self.dest))
-                os.close(fd)
                 self._check_room(iso_root)
                 self._make_iso(iso_root, temp_iso, source.epoch, work)
                 os.chmod(temp_iso, 0o644)
@@ -383,15 +562,18 @@ class IsoBuilder:
             if temp_iso:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(temp_iso)
-            self._remove_work(work)
+            if work:
+                self._remove_work(work)
 
     def _copy_source(self, source, rootfs):
-        if source.subvolume and self._fs_uuid(source.root) == self._fs_uuid(os.path.dirname(rootfs)):
+        if self._copies_by_snapshot(source, os.path.dirname(rootfs)):
             self.runner.run(["btrfs", "subvolume", "snapshot", source.root, rootfs])
             # A snapshot shows nested subvolumes as empty directories.
-            placeholder = os.path.join(rootfs, SNAPSHOTS_NAME)
-            if source.kind == "cache" and os.path.isdir(placeholder):
-                os.rmdir(placeholder)
+            with Tree(rootfs) as tree:
+                info = tree.lstat(SNAPSHOTS_NAME)
+                if source.kind == "cache" and info is not None and stat.S_ISDIR(info.st_mode):
+                    with tree.directory("") as fd:
+                        os.rmdir(SNAPSHOTS_NAME, dir_fd=fd)
             self.operations.append("took a writable btrfs snapshot of %s" % source.root)
             return
         os.mkdir(rootfs, 0o755)
@@ -405,17 +587,8 @@ class IsoBuilder:
         self.operations.append("copied %s with rsync" % source.root)
 
     def _require_live_boot(self, rootfs):
-        status = os.path.join(rootfs, "var/lib/dpkg/status")
-        text = ""
-        if os.path.isfile(status):
-            with open(status) as handle:
-                text = handle.read()
-        installed = {block.split("\n", 1)[0][9:] for block in text.split("\n\n")
-                     if "Status: install ok installed" in block and block.startswith("Package: ")}
-        wanted = ["live-boot", "live-config", "live-config-systemd"]
-        if self.params["installer"] == "calamares":
-            wanted += ["calamares", "calamares-settings-debian"]
-        missing = [name for name in wanted if name not in installed]
+        with Tree(rootfs) as tree:
+            missing = missing_packages(tree, self.params["installer"])
         if not missing:
             return
         if not self.params["install_missing"]:
@@ -433,46 +606,78 @@ class IsoBuilder:
                                % (", ".join(missing), error)) from None
         self.operations.append("installed %s into the image" % ", ".join(missing))
 
+    # --- the image's clean-up: every path beneath rootfs, through Tree ---------
+
+    def _real_dir(self, tree, relative, mode=0o755, create=True):
+        """Make relative a real directory of the image: a symlink (or a file)
+        at it or on the way to it is removed, never followed, and replaced by
+        an empty directory. False when it is missing and create is not set."""
+        parts = relative_parts(relative)
+        for index in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:index])
+            info = tree.lstat(prefix)
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                continue
+            if info is None and not create:
+                return False
+            wanted = mode if index == len(parts) else 0o755
+            if info is not None:
+                what = ("symlink %s (to %s)" % (prefix, _link_target(tree, prefix)) if stat.S_ISLNK(info.st_mode)
+                        else "file %s" % prefix)
+                tree.remove(prefix)
+                self.operations.append("replaced the %s in the image by an empty directory; what it pointed "
+                                       "to was not touched" % what)
+            tree.makedirs(prefix, wanted)
+            tree.chmod(prefix, wanted)  # mkdir's mode is cut by the umask
+        return True
+
+    def _emptied(self, tree, relative, mode):
+        self._real_dir(tree, relative, mode)
+        tree.empty(relative)
+
     def _clean(self, rootfs, epoch):
-        for pattern in SECRET_GLOBS:
-            for path in glob.glob(os.path.join(rootfs, pattern)):
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-        machine_id = os.path.join(rootfs, "etc/machine-id")
-        if os.path.lexists(machine_id):
-            os.unlink(machine_id)
-        open(machine_id, "w").close()  # empty: systemd makes a new one at boot
-        if not self.params["keep_home"]:
-            _empty_dir(os.path.join(rootfs, "home"))
-            _empty_dir(os.path.join(rootfs, "root"))
-        homes = ["root"] + [os.path.join("home", name) for name in _listdir(os.path.join(rootfs, "home"))]
-        for home in homes:
-            for name in HISTORY_NAMES:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(rootfs, home, name))
-        for directory in EMPTIED_DIRS:
-            _empty_dir(os.path.join(rootfs, directory))
-        for directory, _dirs, files in os.walk(os.path.join(rootfs, "var/log")):
-            for name in files:
-                os.unlink(os.path.join(directory, name))
-        self._remove_users(rootfs)
+        with Tree(rootfs) as tree:
+            for pattern in SECRET_GLOBS:
+                directory, wanted = pattern.rsplit("/", 1)
+                if not self._real_dir(tree, directory, create=False):
+                    continue
+                for name in tree.listdir(directory):
+                    if fnmatch.fnmatchcase(name, wanted):
+                        tree.remove(directory + "/" + name)
+            # Empty: systemd makes a new one at boot. A link there is replaced.
+            tree.write_text("etc/machine-id", "", 0o644)
+            if not self.params["keep_home"]:
+                self._emptied(tree, "home", 0o755)
+                self._emptied(tree, "root", 0o700)
+            homes = ["root"] + ["home/" + name for name in tree.listdir("home")]
+            for home in homes:
+                # A home that is a link (kept with keep_home) is resolved as the image
+                # sees it, never out of the image; its histories go in any case.
+                inside = resolve_in_tree(tree, home)
+                if inside is None or not tree.is_dir(inside):
+                    continue
+                for name in HISTORY_NAMES:
+                    tree.remove(inside + "/" + name if inside else name)
+            for directory, mode in EMPTIED_DIRS:
+                self._emptied(tree, directory, mode)
+            if self._real_dir(tree, "var/log", create=False):
+                for directory, _dirs, files in list(tree.walk("var/log")):
+                    for name in files:
+                        tree.remove(directory + "/" + name)
+            self._remove_users(tree)
         self.operations.append("removed the source's users, secrets, histories, logs and caches")
 
-    def _remove_users(self, rootfs):
-        keep = set(self.params["keep_users"])
+    def _remove_users(self, tree):
         removed = set()
 
         def drop_users(fields):
-            uid = int(fields[2])
-            if FIRST_USER_UID <= uid < NOBODY_UID and fields[0] not in keep:
+            if self._removed(fields):
                 removed.add(fields[0])
                 return None
             return fields
 
-        _edit_db(rootfs, "etc/passwd", drop_users)
-        _edit_db(rootfs, "etc/shadow", lambda f: None if f[0] in removed else f)
+        _edit_db(tree, "etc/passwd", drop_users)
+        _edit_db(tree, "etc/shadow", lambda f: None if f[0] in removed else f)
 
         def drop_groups(fields):
             if fields[0] in removed:
@@ -480,41 +685,44 @@ class IsoBuilder:
             members = [m for m in fields[-1].split(",") if m and m not in removed]
             return fields[:-1] + [",".join(members)]
 
-        _edit_db(rootfs, "etc/group", drop_groups)
-        _edit_db(rootfs, "etc/gshadow", drop_groups)
-        for name in removed:
+        _edit_db(tree, "etc/group", drop_groups)
+        _edit_db(tree, "etc/gshadow", drop_groups)
+        for name in sorted(removed):
             self.operations.append("removed user %s" % name)
 
     def _configure(self, rootfs, epoch):
         hostname = self.params["hostname"]
-        _write(os.path.join(rootfs, "etc/hostname"), hostname + "\n")
-        _write(os.path.join(rootfs, "etc/hosts"), "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost "
-               "ip6-localhost ip6-loopback\n" % hostname)
-        # The source's fstab names its own disks; live-boot mounts the root.
-        _write(os.path.join(rootfs, "etc/fstab"), "# live system: live-boot mounts the root filesystem\n")
-        days = epoch // 86400
-        root_hash = self._password_hash("root", self.params["root_password"])
-        _edit_db(rootfs, "etc/shadow", lambda f: [f[0], root_hash or "!*", str(days)] + f[3:]
-                 if f[0] == "root" else f)
-        user = self.params["live_user"]
-        if user:
-            self._add_user(rootfs, user, self._password_hash("live", self.params["live_password"]), days)
-            if not self.params["live_password"]:
-                self.warnings.append("live_user %s has no password, so it cannot log in on a console; "
-                                     "set live_password" % user)
+        with Tree(rootfs) as tree:
+            # A link at any of these (etc/hosts -> /etc/hosts) is replaced, never written through.
+            tree.write_text("etc/hostname", hostname + "\n")
+            tree.write_text("etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost "
+                            "ip6-localhost ip6-loopback\n" % hostname)
+            # The source's fstab names its own disks; live-boot mounts the root.
+            tree.write_text("etc/fstab", "# live system: live-boot mounts the root filesystem\n")
+            days = epoch // 86400
+            root_hash = self._password_hash("root", self.params["root_password"])
+            _edit_db(tree, "etc/shadow", lambda f: [f[0], root_hash or "!*", str(days)] + f[3:]
+                     if f[0] == "root" else f)
+            user = self.params["live_user"]
+            if user:
+                self._add_user(tree, user, self._password_hash("live", self.params["live_password"]), days)
+                if not self.params["live_password"]:
+                    self.warnings.append("live_user %s has no password, so it cannot log in on a console; "
+                                         "set live_password" % user)
 
-    def _add_user(self, rootfs, user, password_hash, days):
-        passwd = _read_db(rootfs, "etc/passwd")
+    def _add_user(self, tree, user, password_hash, days):
+        passwd = _read_db(tree, "etc/passwd") or []
         if any(fields[0] == user for fields in passwd):
             raise IsoError("live_user %s already exists in the source as a system user; choose another name"
                            % user)
-        used = {int(fields[2]) for fields in passwd} | {int(f[2]) for f in _read_db(rootfs, "etc/group")}
+        groups = _read_db(tree, "etc/group") or []
+        used = {_uid(fields) for fields in passwd} | {_uid(fields) for fields in groups}
         uid = next(number for number in range(FIRST_USER_UID, NOBODY_UID) if number not in used)
-        home = "/home/" + user
-        _append_db(rootfs, "etc/passwd", [user, "x", str(uid), str(uid), user, home, "/bin/bash"])
-        _append_db(rootfs, "etc/shadow", [user, password_hash or "!", str(days), "0", "99999", "7", "", "", ""])
-        _append_db(rootfs, "etc/group", [user, "x", str(uid), ""])
-        _append_db(rootfs, "etc/gshadow", [user, "!", "", ""])
+        home = "home/" + user
+        _append_db(tree, "etc/passwd", [user, "x", str(uid), str(uid), user, "/" + home, "/bin/bash"])
+        _append_db(tree, "etc/shadow", [user, password_hash or "!", str(days), "0", "99999", "7", "", "", ""])
+        _append_db(tree, "etc/group", [user, "x", str(uid), ""])
+        _append_db(tree, "etc/gshadow", [user, "!", "", ""])
 
         def add_member(fields):
             if fields[0] in LIVE_GROUPS:
@@ -522,30 +730,33 @@ class IsoBuilder:
                 return fields[:-1] + [",".join(members + [user])]
             return fields
 
-        _edit_db(rootfs, "etc/group", add_member)
-        _edit_db(rootfs, "etc/gshadow", add_member)
-        target = os.path.join(rootfs, home.lstrip("/"))
-        skel = os.path.join(rootfs, "etc/skel")
-        if os.path.isdir(skel):
-            shutil.copytree(skel, target, symlinks=True, dirs_exist_ok=True)
-        else:
-            os.makedirs(target, exist_ok=True)
-        for directory, dirs, files in os.walk(target):
-            for name in [directory] + [os.path.join(directory, n) for n in dirs + files]:
-                os.lchown(name, uid, uid)
-        os.chmod(target, 0o700)
+        _edit_db(tree, "etc/group", add_member)
+        _edit_db(tree, "etc/gshadow", add_member)
+        # home/USER must be a real directory of the image: a link there (or at
+        # home) is replaced, and etc/skel is copied only when it is a real directory.
+        self._real_dir(tree, home, 0o700)
+        skel = tree.lstat("etc/skel")
+        if skel is not None and stat.S_ISDIR(skel.st_mode):
+            tree.copy_within("etc/skel", home)
+        elif skel is not None:
+            self.operations.append("left etc/skel out of %s's home: it is a symlink, never followed" % user)
+        tree.chown_tree(home, uid, uid)
+        tree.chmod(home, 0o700)
         self.operations.append("added live user %s (uid %d, groups %s)" % (user, uid, ",".join(LIVE_GROUPS)))
 
     @contextlib.contextmanager
     def _chroot(self, rootfs):
-        mounts = [(["mount", "-t", "proc", "proc"], "proc"), (["mount", "-t", "sysfs", "sysfs"], "sys"),
-                  (["mount", "--bind", "/dev"], "dev"), (["mount", "-t", "devpts", "devpts"], "dev/pts"),
-                  (["mount", "-t", "tmpfs", "tmpfs"], "run"), (["mount", "-t", "tmpfs", "tmpfs"], "tmp")]
+        # Every mount point is made a real directory beneath rootfs first (a link
+        # there is replaced): a mount never goes through a link out of the image.
+        with Tree(rootfs) as tree:
+            for _argv, point, mode in CHROOT_MOUNTS:
+                self._real_dir(tree, point, mode)
         done = []
         try:
-            for argv, point in mounts:
+            for argv, point, _mode in CHROOT_MOUNTS:
                 target = os.path.join(rootfs, point)
-                os.makedirs(target, exist_ok=True)
+                if symlink_on(target) or not os.path.isdir(target):
+                    raise IsoError("%s is not a real directory of the image; not mounting there" % target)
                 self.runner.run(argv + [target])
                 done.append(target)
             yield
@@ -572,13 +783,11 @@ class IsoBuilder:
 
     @staticmethod
     def _initrds(rootfs):
-        """Each kernel version of the image and its initramfs (None where it has none)."""
-        initrds = {}
-        for kernel in sorted(glob.glob(os.path.join(rootfs, "boot/vmlinuz-*"))):
-            version = os.path.basename(kernel)[len("vmlinuz-"):]
-            initrd = "/boot/initrd.img-%s" % version
-            initrds[version] = initrd if os.path.isfile(rootfs + initrd) else None
-        return initrds
+        """Each kernel version of the image and its initramfs, as the chroot sees
+        it (None where it has none)."""
+        with Tree(rootfs) as tree:
+            found = kernels(tree, "the image")
+        return {version: "/" + initrd if initrd else None for version, _kernel, initrd in found}
 
     def _initramfs_boots_live(self, rootfs, initrd):
         if initrd is None:
@@ -610,15 +819,15 @@ class IsoBuilder:
                 "compression_ratio": round(uncompressed / size, 2) if uncompressed else None}
 
     def _boot_files(self, rootfs, iso_root):
-        kernels = sorted(glob.glob(os.path.join(rootfs, "boot/vmlinuz-*")), key=_version_key)
-        if not kernels:
-            raise IsoError("the source has no kernel in /boot; install linux-image-amd64 in it")
-        version = os.path.basename(kernels[-1])[len("vmlinuz-"):]
-        initrd = os.path.join(rootfs, "boot/initrd.img-" + version)
-        if not os.path.isfile(initrd):
-            raise IsoError("the source has no initrd.img-%s in /boot" % version)
-        shutil.copyfile(kernels[-1], os.path.join(iso_root, "live/vmlinuz"))
-        shutil.copyfile(initrd, os.path.join(iso_root, "live/initrd.img"))
+        with Tree(rootfs) as tree:
+            found = kernels(tree, "the image")
+            if not found:
+                raise IsoError("the source has no kernel in /boot; install linux-image-amd64 in it")
+            version, kernel, initrd = found[-1]
+            if initrd is None:
+                raise IsoError("the source has no initrd.img-%s in /boot" % version)
+            _copy_out(tree, kernel, os.path.join(iso_root, "live/vmlinuz"))
+            _copy_out(tree, initrd, os.path.join(iso_root, "live/initrd.img"))
         _write(os.path.join(iso_root, "boot/grub/grub.cfg"), self.grub_config())
 
     def grub_config(self):
@@ -720,24 +929,19 @@ class IsoBuilder:
 
 
 def run(module, runner, params, check_mode):
+    params = canonical_params(params)
+    # Every value is checked before anything is read or written, in check mode too.
+    check_params(params)
     builder = IsoBuilder(module, runner, params)
-    dest_dir = os.path.dirname(builder.dest)
-    if not os.path.isabs(builder.dest):
-        raise IsoError("dest %r is relative; give an absolute path" % params["dest"])
-    if not os.path.isdir(dest_dir):
-        raise IsoError("the directory of dest, %s, does not exist; create it first" % dest_dir)
-    if params["compression_level"] is not None and COMPRESSORS[params["compression"]] is None:
-        raise IsoError("compression %s takes no compression_level; leave it unset" % params["compression"])
-    if len(params["label"]) > 32:
-        raise IsoError("label %r is longer than the 32 characters an ISO volume id holds" % params["label"])
-    check_params(params, builder.dest)
-    fd = os.open(dest_dir, os.O_RDONLY)
+    fd = os.open(os.path.dirname(builder.dest), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         source = builder.resolve_source()
         digest = builder.options_digest()
         manifest = builder.up_to_date(source, digest)
         changed = manifest is None
+        if changed:
+            builder.preflight(source)
         if changed and check_mode:
             builder.operations.append("build %s from %s %s" % (builder.dest, source.kind,
                                                                source.snapshot or source.root))
@@ -753,28 +957,106 @@ def run(module, runner, params, check_mode):
     return result, builder.warnings
 
 
-def check_params(params, dest):
-    """Refuse what no build could use, before anything is read or written."""
+def canonical_params(params):
+    """params with every path in its canonical form ('//' is '/', no '.', '..'
+    or trailing slash): the rules are checked on it, and it is used everywhere after."""
+    params = dict(params)
+    for name in PATH_PARAMS:
+        if params.get(name):
+            params[name] = canonical_path(params[name])
+    return params
+
+
+def parameter_problems(params):
+    """The messages refusing values that no build could use, or that would
+    land unquoted in grub.cfg, passwd, shadow or hostname. Reads nothing."""
+    problems = []
+    for name in PATH_PARAMS:
+        value = params[name]
+        if value:
+            problems.append(check_path_text(name, value))
+            if any(part.startswith(WORK_PREFIX) for part in value.split("/")):
+                problems.append("%s %s lies in a work tree of an earlier build (%s*), which the next build "
+                                "removes; choose a path elsewhere" % (name, value, WORK_PREFIX))
+    problems.append(check_label("label", params["label"], ISO_LABEL_BYTES, "an ISO volume id"))
+    problems.append(check_host_name("hostname", params["hostname"]))
+    if params["live_user"]:
+        problems.append(check_user_name("live_user", params["live_user"]))
+    problems += [check_user_name("keep_users", user) for user in params["keep_users"]]
+    for name in ("live_password", "root_password"):
+        if params[name]:
+            problems.append(check_plain_text(name, params[name]))
+    problems += [check_boot_param("boot_params", item) for item in params["boot_params"]]
+    problems.append(check_snapper_name("snapper_config", params["snapper_config"]))
+    if not SNAPSHOT_NAME.fullmatch(str(params["snapshot"])):
+        problems.append("snapshot %r is not a snapshot name; give latest, a snapshot number, or a legacy "
+                        "@YYYY-MM-DD_HH:MM[_N] name as liveclone.core.snapper_cache_info lists them"
+                        % params["snapshot"])
+    problems += ["exclude item %r holds a control character (a newline, tab or the like); remove it" % item
+                 for item in params["exclude"] if _CONTROL.search(item)]
+    compression, level = params["compression"], params["compression_level"]
+    if level is not None and compression not in COMPRESSION_LEVELS:
+        problems.append("compression %s takes no compression_level; leave it unset" % compression)
+    elif level is not None:
+        low, high = COMPRESSION_LEVELS[compression]
+        if not low <= level <= high:
+            problems.append("compression_level %d is out of range for %s; choose a level from %d to %d, or leave "
+                            "it unset" % (level, compression, low, high))
+    size = params["block_size"]
+    if size < 4096 or size > 1048576 or size & (size - 1):
+        problems.append("block_size %d is not a power of two from 4096 to 1048576 (what mksquashfs takes); "
+                        "use 131072, or 1048576 (the default)" % size)
+    return [problem for problem in problems if problem]
+
+
+def check_params(params, dest=None):
+    """Refuse what no build could use, before anything is read or written:
+    the values first, then the paths (on their canonical form)."""
+    params = dict(DEFAULTS, **params)
+    if dest:
+        params["dest"] = dest
+    params = canonical_params(params)
+    problems = parameter_problems(params)
+    if problems:
+        raise IsoError(problems[0])
+    dest = params["dest"]
+    if not os.path.isabs(dest):
+        raise IsoError("dest %r is relative; give an absolute path" % dest)
+    if dest == "/":
+        raise IsoError("dest / is a directory; give the ISO's file name, such as /var/lib/liveclone/live.iso")
+    dest_dir = os.path.dirname(dest)
+    if dest_dir == "/":
+        raise IsoError("dest %s lies directly in /, beside the system's own directories (the build puts its "
+                       "work tree and temporary files beside dest); choose a directory for ISOs, such as "
+                       "/var/lib/liveclone/%s" % (dest, os.path.basename(dest)))
     problem = check_real_path("dest", dest, include_last=False)
     if problem:
         raise IsoError(problem)
-    if os.path.isdir(dest):
+    if not os.path.isdir(dest_dir):
+        raise IsoError("the directory of dest, %s, does not exist; create it first" % dest_dir)
+    if os.path.isdir(dest) and not os.path.islink(dest):
         raise IsoError("dest %s is a directory; give the ISO's file name, such as %s" % (
             dest, os.path.join(dest, "live.iso")))
-    size = params["block_size"]
-    if size < 4096 or size > 1048576 or size & (size - 1):
-        raise IsoError("block_size %d is not a power of two from 4096 to 1048576 (what mksquashfs takes); "
-                       "use 131072, or 1048576 (the default)" % size)
-    if not HOSTNAME.match(params["hostname"]):
-        raise IsoError("hostname %r is not a host name; use letters, digits and '-' (at most 63, not "
-                       "starting or ending with '-')" % params["hostname"])
-    work_dir = params["work_dir"]
-    if work_dir:
-        problem = check_real_path("work_dir", work_dir)
+    wanted = {"cache": "cache_dir", "path": "source_path"}.get(params["source"])
+    for name in ("cache_dir", "source_path", "work_dir"):
+        path = params[name]
+        if not path or name not in (wanted, "work_dir"):
+            continue
+        if not os.path.isabs(path):
+            raise IsoError("%s %r is relative; give an absolute path" % (name, path))
+        if path == "/":
+            raise IsoError({
+                "cache_dir": "cache_dir / is not a cache; give the base_dir of a liveclone.core.snapper_cache "
+                             "backup, such as /mnt/debian_backup",
+                "source_path": "source_path / is the running system; use source: live to build from it",
+                "work_dir": "work_dir / is the root directory; give a directory for the work tree, such as "
+                            "/var/tmp"}[name])
+        problem = check_real_path(name, path)
         if problem:
             raise IsoError(problem)
-        if not os.path.isdir(work_dir):
-            raise IsoError("work_dir %s does not exist; create it first, or leave work_dir unset" % work_dir)
+    work_dir = params["work_dir"]
+    if work_dir and not os.path.isdir(work_dir):
+        raise IsoError("work_dir %s does not exist; create it first, or leave work_dir unset" % work_dir)
 
 
 def initramfs_boots_live(entries):
@@ -787,52 +1069,203 @@ def initramfs_boots_live(entries):
     return has_live_boot and not source_settings
 
 
+# --- reading a tree as its own system does, never out of it -------------------
+
+def _link_target(tree, relative):
+    with tree.parent(relative) as (dir_fd, name):
+        return os.readlink(name, dir_fd=dir_fd)
+
+
+def resolve_in_tree(tree, relative, max_links=40):
+    """relative with every symlink on it resolved as the tree's own system
+    would (an absolute target starts again at the tree's root, '..' stops at
+    it): a path beneath the root free of links, or None when it leads to
+    nothing inside the tree (or loops). It never leaves the tree."""
+    pending = [part for part in relative.split("/") if part not in ("", ".")]
+    resolved = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = "/".join(resolved + [part])
+        try:
+            info = tree.lstat(candidate)
+        except BeneathError:  # a file on the way
+            return None
+        if info is None:
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > max_links:
+                return None
+            target = _link_target(tree, candidate)
+            if target.startswith("/"):
+                resolved = []
+            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+            continue
+        resolved.append(part)
+    return "/".join(resolved)
+
+
+def _file_in_tree(tree, relative, where):
+    """The link-free path of the regular file at relative (a link there is
+    followed only while it stays inside the tree); IsoError when it leads out."""
+    info = tree.lstat(relative)
+    if info is None:
+        return None
+    if stat.S_ISREG(info.st_mode):
+        return relative
+    if stat.S_ISLNK(info.st_mode):
+        inside = resolve_in_tree(tree, relative)
+        if inside is not None and tree.is_file(inside):
+            return inside
+        raise IsoError("%s in %s is a symlink to %s, which is no file inside the tree (a link there is followed "
+                       "only inside the tree, as the live system would see it); put the file itself there in "
+                       "the source" % (relative, where, _link_target(tree, relative)))
+    raise IsoError("%s in %s is not a regular file; put the file itself there in the source" % (relative, where))
+
+
+def read_in_tree(tree, relative):
+    """The bytes of the file at relative as the tree's own system reads it
+    (etc/os-release -> ../usr/lib/os-release), or None."""
+    inside = resolve_in_tree(tree, relative)
+    return None if inside is None else tree.read_bytes(inside)
+
+
+def parse_os_release(data):
+    values = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep:
+            values[key] = value.strip().strip('"').strip("'")
+    return values
+
+
+def kernels(tree, where):
+    """(version, kernel, initrd or None) of each kernel in the tree's boot/,
+    oldest first, as link-free paths inside the tree. A kernel or initrd that
+    is a link leading out of the tree is refused, never copied."""
+    boot = resolve_in_tree(tree, "boot")
+    if boot is None or not tree.is_dir(boot):
+        return []
+    found = []
+    for name in tree.listdir(boot):
+        if not name.startswith("vmlinuz-"):
+            continue
+        version = name[len("vmlinuz-"):]
+        kernel = _file_in_tree(tree, "%s/%s" % (boot, name), where)
+        initrd = _file_in_tree(tree, "%s/initrd.img-%s" % (boot, version), where)
+        found.append((version, kernel, initrd))
+    return sorted(found, key=lambda entry: _version_key(entry[0]))
+
+
+def missing_packages(tree, installer):
+    """The live packages (and the installer's) that the tree's dpkg status lacks."""
+    text = (read_in_tree(tree, "var/lib/dpkg/status") or b"").decode("utf-8", "replace")
+    installed = {block.split("\n", 1)[0][9:] for block in text.split("\n\n")
+                 if "Status: install ok installed" in block and block.startswith("Package: ")}
+    wanted = list(LIVE_PACKAGES) + (list(CALAMARES_PACKAGES) if installer == "calamares" else [])
+    return [name for name in wanted if name not in installed]
+
+
+def _copy_out(tree, relative, dest):
+    """Copy the regular file at relative (link-free) out of the tree to dest, a file of the build's own."""
+    with tree.parent(relative) as (dir_fd, name):
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as source:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise IsoError("%s is not a regular file" % tree.path(relative))
+        with open(dest, "wb") as out:
+            shutil.copyfileobj(source, out, 1024 * 1024)
+
+
+def _uid(fields):
+    return int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else None
+
+
+def _read_db(tree, name, where="the image"):
+    """The lines of a user database of the tree split in fields; None when it
+    is missing. One that is a link is read only where it leads inside the tree."""
+    inside = _file_in_tree(tree, name, where)
+    if inside is None:
+        return None
+    text = tree.read_text(inside)
+    return [line.split(":") for line in text.splitlines() if line.strip()]
+
+
+def _edit_db(tree, name, change, extra=()):
+    """Rewrite a user database of the tree line by line (and add extra lines):
+    a new file with the old one's mode and owner. A link there is replaced,
+    never written through. A database the tree lacks is left missing."""
+    inside = _file_in_tree(tree, name, "the image")
+    if inside is None:
+        return
+    info = tree.lstat(inside)
+    rows = [row for row in (change(fields) for fields in _read_db(tree, inside)) if row is not None]
+    tree.write_text(name, "".join(":".join(row) + "\n" for row in rows + list(extra)), stat.S_IMODE(info.st_mode))
+    tree.lchown(name, info.st_uid, info.st_gid)
+
+
+def _append_db(tree, name, fields):
+    _edit_db(tree, name, lambda f: f, [fields])
+
+
+# --- the destination ---------------------------------------------------------
+
+def _attributes(path):
+    """The file's lsattr flags (FS_IOC_GETFLAGS), or 0 where the filesystem has none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
+        return flags[0]
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _unwritable(directory):
+    """None, or why the build cannot create files in directory."""
+    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+        return "is on a read-only filesystem; remount it read-write or choose a path on another one"
+    flags = _attributes(directory)
+    if flags & FS_IMMUTABLE_FL:
+        return "is immutable (lsattr shows i); clear it with chattr -i, or choose another directory"
+    if flags & FS_APPEND_FL:
+        return "is append-only (lsattr shows a); clear it with chattr -a, or choose another directory"
+    if not os.access(directory, os.W_OK):
+        return "is not writable; run as root, and check its mount options and any LSM"
+    return None
+
+
+def _unchangeable(path):
+    """None, or why the build could not replace the existing file at path."""
+    if not os.path.lexists(path) or os.path.islink(path):
+        return None
+    flags = _attributes(path)
+    if flags & FS_IMMUTABLE_FL:
+        return "is immutable (lsattr shows i), so the build cannot replace it; clear it with chattr -i"
+    if flags & FS_APPEND_FL:
+        return "is append-only (lsattr shows a), so the build cannot replace it; clear it with chattr -a"
+    return None
+
+
 def _excluded(relative, patterns):
     return any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns)
 
 
-def _listdir(path):
-    return os.listdir(path) if os.path.isdir(path) else []
-
-
-def _empty_dir(path):
-    for name in _listdir(path):
-        full = os.path.join(path, name)
-        if os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full)
-        else:
-            os.unlink(full)
-
-
-def _read_db(rootfs, name):
-    path = os.path.join(rootfs, name)
-    if not os.path.exists(path):
-        return []
-    with open(path) as handle:
-        return [line.rstrip("\n").split(":") for line in handle if line.strip()]
-
-
-def _edit_db(rootfs, name, change):
-    path = os.path.join(rootfs, name)
-    if not os.path.exists(path):
-        return
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    rows = [row for row in (change(fields) for fields in _read_db(rootfs, name)) if row is not None]
-    _write(path, "".join(":".join(row) + "\n" for row in rows), mode)
-
-
-def _append_db(rootfs, name, fields):
-    path = os.path.join(rootfs, name)
-    if os.path.exists(path):
-        _edit_db(rootfs, name, lambda f: f)
-        with open(path, "a") as handle:
-            handle.write(":".join(fields) + "\n")
-
-
 def _write(path, text, mode=0o644):
-    # A copied tree may hold absolute symlinks (etc/hosts -> /etc/...): replace, never follow.
-    create_file(path, text, mode)
-    os.chmod(path, mode)
+    """A file of the build's own (in its ISO tree), written anew."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def _hash_file(path, digest):
@@ -846,5 +1279,5 @@ def _sha256(path):
     return _hash_file(path, hashlib.sha256())
 
 
-def _version_key(path):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+def _version_key(text):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

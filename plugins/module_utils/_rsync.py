@@ -22,6 +22,7 @@ CHANGED_PATHS_SHOWN = 20
 
 # An itemized change: YXcstpoguax NAME, or a deletion.
 _ITEMIZED = re.compile(r"^(?:[<>ch.][fdLDS][.+?a-zA-Z ]{9,10} |\*deleting )")
+_DELETING = re.compile(r"^\*deleting +")
 # A directory whose only change is its mtime: an entry in it was created and
 # removed again (/tmp, /run on a running host). rsync still copies the time,
 # but it is no reason for a new snapshot.
@@ -40,24 +41,44 @@ class TransferStats:
     changes: int = 0
     files_total: int = 0
     files_transferred: int = 0
+    # Entries (files, links, directories) deleted from the destination, or that would be.
     files_deleted: int = 0
     total_size: int = 0
     bytes_transferred: int = 0
     changed_paths: list = field(default_factory=list)
+    deleted_paths: list = field(default_factory=list)
+    # Every itemized line, for the module's own checks; not part of the result.
+    itemized: list = field(default_factory=list, repr=False)
 
     def view(self):
-        return dict(self.__dict__)
+        return {name: value for name, value in self.__dict__.items() if name != "itemized"}
+
+
+def itemized_path(line):
+    """The destination-relative path of an itemized line (a link's or hard link's target left off)."""
+    if _DELETING.match(line):
+        return _DELETING.sub("", line)
+    path = line[12:]
+    if line[1] == "L" and " -> " in path:
+        path = path.split(" -> ", 1)[0]
+    elif line[0] == "h" and " => " in path:
+        path = path.split(" => ", 1)[0]
+    return path
 
 
 def parse_output(out):
     """TransferStats from the output of rsync --itemize-changes --stats."""
     itemized = [line for line in out.splitlines()
                 if _ITEMIZED.match(line) and not _DIRECTORY_TIME_ONLY.match(line)]
-    stats = TransferStats(changes=len(itemized), changed_paths=itemized[:CHANGED_PATHS_SHOWN])
+    deleted = [itemized_path(line) for line in itemized if _DELETING.match(line)]
+    stats = TransferStats(changes=len(itemized), changed_paths=itemized[:CHANGED_PATHS_SHOWN],
+                          deleted_paths=deleted[:CHANGED_PATHS_SHOWN], itemized=itemized)
     for name, pattern in _STAT.items():
         match = re.search(pattern, out, re.M)
         if match:
             setattr(stats, name, int(match.group(1).replace(",", "")))
+    # An rsync that prints no deletion count still itemizes each deletion.
+    stats.files_deleted = max(stats.files_deleted, len(deleted))
     return stats
 
 

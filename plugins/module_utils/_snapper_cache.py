@@ -13,26 +13,44 @@ CacheReader reads that state; backup(), remove() and restore() plan from it
 and apply. Unlike the reference tool, the snapshot follows a successful copy,
 retention deletes exactly what exceeds `keep`, and metadata is never run as
 shell code.
+
+Everything in BASE is reached beneath it (_beneath.Tree: no symlink is ever
+followed). An entry of the layout that is a link, is not a directory, is a
+mount point or lies on another filesystem is never a cache, a snapshot
+directory or a snapshot: the reader reports it, and nothing is deleted,
+copied into or snapshotted through it. Each subvolume is checked again right
+before it is deleted, and deleted by name from a descriptor of its parent.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import fnmatch
 import json
 import os
 import platform
 import re
-import shutil
 import socket
+import stat
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 
 from ._backup_meta import format_meta, human_size, parse_meta
+from ._beneath import BeneathError, Tree, relative_parts
 from ._command import CommandError
-from ._fs import MOUNTINFO, check_real_path, create_file, is_within, read_file, read_mounts, write_atomically
-from ._rsync import RSYNC_VANISHED, copy_argv, parse_output
+from ._fs import (
+    MOUNTINFO,
+    canonical_path,
+    check_path_text,
+    check_real_path,
+    is_within,
+    read_mounts,
+)
+from ._rsync import RSYNC_VANISHED, copy_argv, itemized_path, parse_output
+from ._text import check_plain_text, check_snapper_name
 
 CACHE_NAME = ".rootfs_cache"
 SNAPSHOTS_NAME = ".snapshots"
@@ -41,7 +59,8 @@ META_NAME = ".backup_meta"
 HOLDER_NAME = ".liveclone.lock"
 PENDING_NAME = ".liveclone-pending"
 # snapper keeps each config in /etc/snapper/configs/NAME: no path separators.
-SNAPPER_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Anchored with \A...\Z: `$` would let a trailing newline through.
+SNAPPER_CONFIG_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 STANDARD_EXCLUDES = [
     "/dev/*", "/proc/*", "/sys/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*", "/lost+found",
@@ -55,28 +74,218 @@ STANDARD_EXCLUDES = [
 HOME_EXCLUDES = ["/home/*", "/root/*"]
 HOME_DIRS = ("/home", "/root")
 
-LEGACY_NAME = re.compile(r"^@(\d{4}-\d{2}-\d{2})_(\d{2}:\d{2})(?:_(\d+))?$")
+LEGACY_NAME = re.compile(r"\A@(\d{4}-\d{2}-\d{2})_(\d{2}:\d{2})(?:_(\d+))?\Z")
+# What restore_snapshot may name: latest, a snapper number, a legacy snapshot.
+RESTORE_SNAPSHOT = re.compile(r"latest|[0-9]{1,9}|@\d{4}-\d{2}-\d{2}_\d{2}:\d{2}(?:_\d{1,9})?")
 BTRFS_SUBVOLUME_INODE = 256
 SNAPSHOT_DESCRIPTION = "liveclone.core backup"
+
+# base_dir goes into snapper's config as SUBVOLUME="...": what double quotes do not hold as text.
+SNAPPER_QUOTED = re.compile(r'["\\$`]')
+# An --exclude argument rsync reads as a rule, not a pattern: "!" clears every
+# exclusion (the standard ones too), "+ " and "- " prefixes make includes.
+RSYNC_RULE = re.compile(r"!|[+-] .*", re.S)
+# os-release's ID names the default base_dir.
+OS_RELEASE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# snapper's userdata is "k=v,k=v": a value holds no comma, equals sign or line break.
+USERDATA_UNSAFE = re.compile("[,=\x00-\x1f\x7f\x85\u2028\u2029]")
+USERDATA_MAX = 200
+
+# Linux ioctls: a subvolume deleted by name from its parent's descriptor (the
+# same call `btrfs subvolume delete` makes), the filesystem's id, inode flags.
+BTRFS_IOC_SNAP_DESTROY = 0x5000940F
+BTRFS_IOC_FS_INFO = 0x8400941F
+BTRFS_PATH_NAME_MAX = 4087
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+# Below this, a base_dir is full before the copy starts.
+MIN_FREE_BYTES = 1 << 20
+MIN_FREE_INODES = 16
+MAX_LINKS = 40
 
 
 class CacheError(Exception):
     """A request that cannot be carried out; the message says what to do."""
 
 
-def read_os_release(path):
+def parse_os_release(text):
+    """os-release's KEY=value lines, as data: quotes taken off, and in double
+    quotes the backslash escapes of " \\ $ ` undone (as os-release(5) writes them)."""
     values = {}
-    # A damaged file must not stop a backup: undecodable bytes become U+FFFD.
-    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            key, sep, value = line.strip().partition("=")
-            if sep:
-                values[key] = value.strip().strip('"').strip("'")
+    for line in text.split("\n"):
+        key, sep, value = line.strip().partition("=")
+        if not sep:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r'\\(["\\$`])', r"\1", value[1:-1])
+        elif len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1]
+        else:
+            value = value.strip('"').strip("'")
+        values[key] = value
     return values
 
 
+def read_os_release(path):
+    """The KEY=value pairs of the os-release file at path (the host's own)."""
+    # A damaged file must not stop a backup: undecodable bytes become U+FFFD.
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
+        return parse_os_release(handle.read(1 << 20))
+    return {}
+
+
+def resolve_beneath(root, relative):
+    """The path relative to root that `relative` names when root is `/`, as
+    the tree's own system would resolve it: its links followed (an absolute
+    one from root), `..` never above root. None if missing or looping.
+    Only for reading a source tree's files (os-release, lib/modules)."""
+    pending = [part for part in relative.split("/") if part not in ("", ".")]
+    done = []
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        try:
+            info = os.lstat(os.path.join(root, *done, part))
+        except OSError:
+            return None
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > MAX_LINKS:
+                return None
+            target = os.readlink(os.path.join(root, *done, part))
+            if target.startswith("/"):
+                done = []
+            pending = [name for name in target.split("/") if name not in ("", ".")] + pending
+            continue
+        done.append(part)
+    return "/".join(done)
+
+
+def source_os_release(source):
+    """The os-release of the tree at source, read beneath it."""
+    for relative in ("etc/os-release", "usr/lib/os-release"):
+        resolved = resolve_beneath(source, relative)
+        if resolved:
+            with contextlib.suppress(OSError, BeneathError), Tree(source) as tree:
+                text = tree.read_text(resolved, limit=1 << 20)
+                if text is not None:
+                    return parse_os_release(text)
+    return {}
+
+
+def source_kernels(source):
+    """The kernel versions in the tree's lib/modules (resolved beneath it)."""
+    resolved = resolve_beneath(source, "lib/modules")
+    if resolved is None:
+        return []
+    with contextlib.suppress(OSError, BeneathError), Tree(source) as tree:
+        return tree.listdir(resolved)
+    return []
+
+
 def default_base_dir(os_release="/etc/os-release"):
-    return "/mnt/%s_backup" % (read_os_release(os_release).get("ID") or "linux")
+    distro = read_os_release(os_release).get("ID") or ""
+    return "/mnt/%s_backup" % (distro if OS_RELEASE_ID.fullmatch(distro) else "linux")
+
+
+def userdata_value(text):
+    """A value for snapper's userdata (and .backup_meta): no comma, equals
+    sign or line break, blanks collapsed, at most USERDATA_MAX characters."""
+    value = " ".join(USERDATA_UNSAFE.sub(" ", str(text)).split())[:USERDATA_MAX].strip()
+    return value or "unknown"
+
+
+# --- descriptors: flags, filesystems, subvolumes ----------------------------
+
+
+def _inode_flags(fd):
+    """The inode flags (chattr) of an open file; 0 where the filesystem has none."""
+    try:
+        return struct.unpack("i4x", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8)))[0]
+    except OSError:
+        return 0
+
+
+def flags_at(dir_fd, name):
+    """The inode flags of the regular file or directory name in dir_fd (0 for links, devices and missing)."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        return 0
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return 0
+    try:
+        return _inode_flags(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsid(fd):
+    try:
+        return fcntl.ioctl(fd, BTRFS_IOC_FS_INFO, bytes(1024))[16:32]
+    except OSError:
+        return None
+
+
+def same_filesystem(fd_a, fd_b):
+    """Whether two open directories are on one filesystem: by device number,
+    or for btrfs (each subvolume its own device number) by filesystem id."""
+    if os.fstat(fd_a).st_dev == os.fstat(fd_b).st_dev:
+        return True
+    fsid = _fsid(fd_a)
+    return fsid is not None and fsid == _fsid(fd_b)
+
+
+def destroy_subvolume(dir_fd, name):
+    """Delete the btrfs subvolume `name` in the directory dir_fd. The kernel
+    looks the name up in that directory: a link there is refused (ENOTDIR),
+    never followed."""
+    encoded = os.fsencode(name)
+    if len(encoded) > BTRFS_PATH_NAME_MAX or b"/" in encoded:
+        raise OSError(errno.ENAMETOOLONG, "not one name of a subvolume", name)
+    fcntl.ioctl(dir_fd, BTRFS_IOC_SNAP_DESTROY, bytearray(struct.pack("q4088s", 0, encoded)))
+
+
+def _write_at(dir_fd, name, text, mode=0o644, sync=False):
+    """Put text at name in dir_fd as a new regular file, atomically: a
+    temporary file beside it (never through a link), then rename over it."""
+    temp = ".%s.%s" % (name, os.urandom(4).hex())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if sync:
+                os.fsync(handle.fileno())
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    if sync:
+        os.fsync(dir_fd)
+
+
+def _read_at(dir_fd, name, limit):
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        return handle.read(limit).decode("utf-8", "replace")
 
 
 @dataclass
@@ -110,14 +319,21 @@ class Cache:
     base_fstype: str | None = None
     cache_exists: bool = False
     cache_is_subvolume: bool = False
+    # .rootfs_cache is something that is never the cache (a link, a file, a mount point).
+    cache_refused: bool = False
     snapshots_dir_exists: bool = False
     snapper_installed: bool = False
     snapper_subvolume: str | None = None  # of the named config, when registered
     snapshots: list = field(default_factory=list)
     meta: dict | None = None
     pending: bool = False
-    # .snapshots/N directories snapper does not list (no info.xml): a create that was killed.
+    # .snapshots/N directories (relative to base_dir) snapper does not list
+    # (no info.xml): a create that was killed.
     incomplete: list = field(default_factory=list)
+    # Entries of the layout that no run may act on: each refuses backup, removal and restore.
+    problems: list = field(default_factory=list)
+    # Entries of .snapshots that are no snapshots (links, plain directories): never listed, pruned or deleted.
+    ignored: list = field(default_factory=list)
 
     @property
     def cache_dir(self):
@@ -137,7 +353,7 @@ class Cache:
 
     @property
     def snapper_manages_cache(self):
-        return self.snapper_registered and (
+        return self.snapper_registered and not self.cache_refused and (
             os.path.realpath(self.snapper_subvolume) == os.path.realpath(self.cache_dir))
 
     def versioning_found(self):
@@ -149,6 +365,10 @@ class Cache:
 
     def newest(self):
         return max(self.snapshots, key=lambda snap: snap.order) if self.snapshots else None
+
+    def relative(self, path):
+        """A path of the cache relative to base_dir, for beneath-the-root operations."""
+        return os.path.relpath(path, self.base_dir)
 
     def view(self):
         return {
@@ -194,9 +414,11 @@ class Snapper:
         self.run("-c", self.config, "set-config", *["%s=%s" % item for item in sorted(settings.items())])
 
     def create(self, userdata):
+        # Each value made safe here too: a comma or '=' in one would add keys.
         out = self.run("-c", self.config, "create", "--type", "single", "--cleanup-algorithm", "number",
                        "--description", SNAPSHOT_DESCRIPTION, "--print-number",
-                       "--userdata", ",".join("%s=%s" % item for item in userdata.items()))
+                       "--userdata", ",".join("%s=%s" % (key, userdata_value(value))
+                                              for key, value in userdata.items()))
         return int(out.strip())
 
     def delete(self, numbers):
@@ -210,13 +432,16 @@ def _last_lines(text, count):
     return "\n".join(text.strip().splitlines()[-count:])
 
 
-def _userdata_value(text):
-    # snapper's userdata is "k=v,k=v": keep commas and equals signs out.
-    return re.sub(r"[,=]", " ", str(text)).strip()
+def _kind(info):
+    if info is None:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "link"
+    return "dir" if stat.S_ISDIR(info.st_mode) else "other"
 
 
 class CacheReader:
-    """Reads a cache and its source; changes nothing."""
+    """Reads a cache and its source; changes nothing and follows no link inside base_dir."""
 
     def __init__(self, runner, snapper):
         self.runner = runner
@@ -231,25 +456,114 @@ class CacheReader:
         if not cache.base_exists:
             return cache
         cache.base_fstype = self.fstype(base_dir)
-        cache.cache_exists = os.path.isdir(cache.cache_dir)
-        if cache.cache_exists and cache.base_fstype == "btrfs":
-            cache.cache_is_subvolume = os.stat(cache.cache_dir).st_ino == BTRFS_SUBVOLUME_INODE
-        cache.snapshots_dir_exists = os.path.isdir(cache.snapshots_dir)
-        if cache.snapper_manages_cache:
-            cache.snapshots += self._snapper_snapshots(cache)
+        # The info module may be given a base_dir through a link: it only reads.
+        with Tree(os.path.realpath(base_dir)) as tree:
+            self._read_tree(cache, tree)
+        return cache
+
+    def _read_tree(self, cache, tree):
+        mounts = frozenset(mount.point for mount in read_mounts())
+        btrfs = cache.base_fstype == "btrfs"
+        cache_info = tree.lstat(CACHE_NAME)
+        problem = self.not_a_layout_dir(tree, CACHE_NAME, cache_info, mounts, "the cache (.rootfs_cache)")
+        if problem:
+            cache.problems.append(problem)
+            cache.cache_refused = True
+        elif cache_info is not None:
+            cache.cache_exists = True
+            cache.cache_is_subvolume = btrfs and cache_info.st_ino == BTRFS_SUBVOLUME_INODE
+            relative = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
+            info = tree.lstat(relative)
+            problem = self.not_a_layout_dir(tree, relative, info, mounts, "the snapshots (.snapshots)")
+            if problem:
+                cache.problems.append(problem)
+            else:
+                cache.snapshots_dir_exists = info is not None
+        if cache.snapper_manages_cache and cache.cache_exists:
+            cache.snapshots += self._snapper_snapshots(cache, tree, mounts)
         if cache.snapshots_dir_exists:
-            cache.snapshots += self._legacy_snapshots(cache)
+            cache.snapshots += self._legacy_snapshots(cache, tree, mounts)
         if cache.snapper_manages_cache and cache.snapshots_dir_exists:
             listed = {snap.name for snap in cache.snapshots if snap.kind == "snapper"}
-            cache.incomplete = [
-                os.path.join(cache.snapshots_dir, name) for name in sorted(os.listdir(cache.snapshots_dir))
-                if name.isdigit() and name not in listed
-                and not os.path.exists(os.path.join(cache.snapshots_dir, name, "info.xml"))]
-        meta_text = read_file(cache.meta_path)
-        if meta_text is not None:
-            cache.meta = parse_meta(meta_text)
-        cache.pending = os.path.exists(os.path.join(base_dir, PENDING_NAME))
-        return cache
+            snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
+            for name in tree.listdir(snapshots):
+                relative = os.path.join(snapshots, name)
+                if not name.isdigit() or name in listed:
+                    continue
+                kind = _kind(tree.lstat(relative))
+                if kind == "link":
+                    cache.ignored.append(self._ignored(tree, relative, "is a symlink"))
+                elif kind == "dir" and tree.lstat(os.path.join(relative, "info.xml")) is None:
+                    # What a killed `snapper create` leaves: N/ with at most the subvolume N/snapshot.
+                    inner = os.path.join(relative, "snapshot")
+                    if tree.path(relative) in mounts:
+                        cache.ignored.append(self._ignored(tree, relative, "is a mount point"))
+                    elif set(tree.listdir(relative)) - {"snapshot"}:
+                        cache.ignored.append(self._ignored(tree, relative, "holds more than a snapshot"))
+                    elif tree.lstat(inner) is not None and self._snapshot_problem(tree, inner, mounts, False):
+                        cache.ignored.append(self._ignored(tree, *self._snapshot_problem(tree, inner, mounts, False)))
+                    else:
+                        cache.incomplete.append(relative)
+        meta_kind = _kind(tree.lstat(META_NAME))
+        if meta_kind == "other" and tree.is_file(META_NAME):
+            cache.meta = parse_meta(tree.read_text(META_NAME, limit=1 << 20) or "")
+        elif meta_kind == "dir" or meta_kind == "other":
+            cache.problems.append(
+                "%s is %s, where the cache keeps its metadata file; move it away (it is not the "
+                "module's to delete), then run again" % (
+                    tree.path(META_NAME), "a directory" if meta_kind == "dir" else "not a regular file"))
+        for name in (HOLDER_NAME, PENDING_NAME):
+            if _kind(tree.lstat(name)) == "dir":
+                cache.problems.append("%s is a directory, where the module keeps a small file of its own; "
+                                      "move it away, then run again" % tree.path(name))
+        cache.pending = tree.lstat(PENDING_NAME) is not None
+
+    @staticmethod
+    def not_a_layout_dir(tree, relative, info, mounts, what):
+        """None if relative is missing or a real directory on base_dir's
+        filesystem; else why it is never taken for `what`."""
+        kind = _kind(info)
+        path = tree.path(relative)
+        if kind is None:
+            return None
+        if kind == "link":
+            with tree.parent(relative) as (dir_fd, name):
+                target = os.readlink(name, dir_fd=dir_fd)
+            return ("%s is a symlink (to %s), where base_dir holds %s; a link there is never followed, so "
+                    "nothing was changed: remove the link (rm %s) or give the base_dir of the real cache"
+                    % (path, target, what, path))
+        if kind == "other":
+            return "%s is not a directory, where base_dir holds %s; move it away, then run again" % (path, what)
+        if path in mounts:
+            return ("%s is a mount point, where base_dir holds %s; nothing is deleted, copied or snapshotted "
+                    "through a mount: unmount it, then run again" % (path, what))
+        with tree.directory(relative) as fd:
+            if not same_filesystem(tree.fd, fd):
+                return ("%s is on another filesystem than base_dir %s, where base_dir holds %s; unmount it "
+                        "or move it away" % (path, tree.root, what))
+        return None
+
+    @staticmethod
+    def _ignored(tree, relative, why):
+        return ("%s %s, so it is not a snapshot: it is never listed, pruned or deleted; remove it if it is "
+                "not wanted" % (tree.path(relative), why))
+
+    def _snapshot_problem(self, tree, relative, mounts, parent_too):
+        """None if the snapshot at relative (and, for snapper, its N directory) is a real subvolume."""
+        steps = [os.path.dirname(relative), relative] if parent_too else [relative]
+        for step in steps:
+            kind = _kind(tree.lstat(step))
+            if kind == "link":
+                return step, "is a symlink"
+            if kind == "other":
+                return step, "is not a directory"
+            if kind is None:
+                return None
+            if tree.path(step) in mounts:
+                return step, "is a mount point"
+        if tree.lstat(relative).st_ino != BTRFS_SUBVOLUME_INODE:
+            return relative, "is not a btrfs subvolume"
+        return None
 
     def _has(self, name):
         try:
@@ -265,29 +579,40 @@ class CacheReader:
         out = self.runner.run(["btrfs", "property", "get", "-ts", path, "ro"], ok_rcs=(0, 1))[1]
         return out.strip() == "ro=true"
 
-    def _snapper_snapshots(self, cache):
+    def _snapper_snapshots(self, cache, tree, mounts):
         found = []
         for item in self.snapper.snapshots():
-            path = os.path.join(cache.snapshots_dir, str(item["number"]), "snapshot")
+            relative = os.path.join(CACHE_NAME, SNAPSHOTS_NAME, str(item["number"]), "snapshot")
+            problem = self._snapshot_problem(tree, relative, mounts, parent_too=True)
+            if problem:
+                cache.ignored.append(self._ignored(tree, *problem))
+                continue
+            path = os.path.join(cache.base_dir, relative)
             found.append(Snapshot(
                 name=str(item["number"]), number=item["number"], kind="snapper",
                 date=item.get("date") or "", description=item.get("description") or "",
                 userdata=item.get("userdata") or {}, path=path,
-                read_only=os.path.isdir(path) and self.read_only(path)))
+                read_only=tree.is_dir(relative) and self.read_only(path)))
         return found
 
-    def _legacy_snapshots(self, cache):
+    def _legacy_snapshots(self, cache, tree, mounts):
         found = []
-        for name in sorted(os.listdir(cache.snapshots_dir)):
+        snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
+        for name in tree.listdir(snapshots):
             match = LEGACY_NAME.match(name)
-            path = os.path.join(cache.snapshots_dir, name)
-            if not match or not os.path.isdir(path):
+            relative = os.path.join(snapshots, name)
+            if not match:
                 continue
-            meta = {}
-            with contextlib.suppress(OSError), open(path + ".meta") as handle:
-                meta = parse_meta(handle.read())
+            problem = self._snapshot_problem(tree, relative, mounts, parent_too=False)
+            if problem:
+                cache.ignored.append(self._ignored(tree, *problem))
+                continue
+            if not tree.is_dir(relative):
+                continue
+            meta = parse_meta(tree.read_text(relative + ".meta", limit=1 << 16) or "")
             userdata = {key[5:].lower(): value for key, value in meta.items()
                         if key not in ("META_DATE", "META_DESCRIPTION")}
+            path = os.path.join(cache.base_dir, relative)
             found.append(Snapshot(
                 name=name, number=None, kind="btrfs",
                 date="%s %s" % (match.group(1), match.group(2)),
@@ -331,12 +656,18 @@ def is_excluded(relative, patterns):
     return False
 
 
+def _literal_pattern(path):
+    """An rsync pattern that matches path and nothing else."""
+    return re.sub(r"([*?\[])", r"\\\1", path)
+
+
 class CacheLock:
     """Serialises runs on one base directory (flock on the directory itself).
 
     claim() records who holds it, for the message of a run that times out;
     it is called only once the run has passed its checks, so that a refused
-    run writes nothing.
+    run writes nothing. The holder file is written and removed beneath the
+    locked directory's descriptor: a link there is replaced, never followed.
     """
 
     def __init__(self, base_dir, timeout):
@@ -347,7 +678,7 @@ class CacheLock:
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.base_dir, os.O_RDONLY)
+        self.fd = os.open(self.base_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -355,7 +686,7 @@ class CacheLock:
                 return self
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = (read_file(self.holder_path, limit=200) or "holder unknown").strip()
+                    holder = (_read_at(self.fd, HOLDER_NAME, 200) or "holder unknown").strip()
                     os.close(self.fd)
                     raise CacheError(
                         "%s is locked by another run (%s); waited %d s. Try again when it has "
@@ -363,14 +694,14 @@ class CacheLock:
                 time.sleep(0.2)
 
     def claim(self):
-        create_file(self.holder_path, "pid %d on %s since %s\n" % (
+        _write_at(self.fd, HOLDER_NAME, "pid %d on %s since %s\n" % (
             os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")))
         self.claimed = True
 
     def __exit__(self, *exc):
         if self.claimed:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.holder_path)
+                os.unlink(HOLDER_NAME, dir_fd=self.fd)
         os.close(self.fd)
         return False
 
@@ -380,6 +711,41 @@ def _diff_view(view):
             "metadata": view["metadata"]}
 
 
+def check_cache_params(params, base_dir):
+    """The refusal of the parameters every state shares, or None: text that
+    would break the files and argv they go into, and numbers out of range."""
+    for name in ("base_dir", "source", "restore_dest"):
+        problem = check_path_text(name, params.get(name))
+        if problem:
+            return problem
+    if SNAPPER_QUOTED.search(base_dir):
+        return ("base_dir %r holds one of \" \\ $ `, which snapper's config (SUBVOLUME=\"...\") cannot hold "
+                "as text; choose a path without them" % base_dir)
+    problem = check_snapper_name("snapper_config", params["snapper_config"])
+    if problem:
+        return problem
+    for pattern in params.get("exclude") or []:
+        problem = check_plain_text("exclude item %r" % pattern, pattern)
+        if problem:
+            return problem
+        if RSYNC_RULE.fullmatch(pattern):
+            return ("exclude item %r is read by rsync as a filter rule, not a pattern ('!' clears every "
+                    "exclusion, '+ ' and '- ' start rules); give a path pattern such as /srv/scratch/*" % pattern)
+    wanted = params.get("restore_snapshot")
+    if wanted is not None and not (isinstance(wanted, str) and RESTORE_SNAPSHOT.fullmatch(wanted)):
+        return ("restore_snapshot %r is not a snapshot name; give latest, a snapper number such as 3, or a "
+                "legacy name such as @2026-06-17_14:30" % (wanted,))
+    for name, least, what in (("keep", 1, "how many snapshots retention keeps"),
+                              ("lock_timeout", 0, "the seconds to wait for another run on the same base_dir")):
+        value = params.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            return "%s is %s, a boolean; set %s to a number, %d or more (%s)" % (
+                name, str(value).lower(), name, least, what)
+    return None
+
+
 class CacheManager:
     """Backs up into, removes and restores from one cache."""
 
@@ -387,30 +753,39 @@ class CacheManager:
         self.module = module
         self.runner = runner
         self.params = params
-        self.base_dir = os.path.normpath(params["base_dir"] or default_base_dir())
+        # Canonical before any rule: `//` is `/`, trailing slashes and `/./` go.
+        self.base_dir = canonical_path(params["base_dir"] or default_base_dir())
+        self.source = canonical_path(params.get("source") or "/")
+        self.restore_dest = canonical_path(params.get("restore_dest"))
         self.snapper = Snapper(runner, params["snapper_config"])
         self.reader = CacheReader(runner, self.snapper)
         self.warnings = []
         self.operations = []
         self.before = None
+        self.tree = None  # base_dir, held open while a run acts on it
 
     # --- validation --------------------------------------------------------
+
+    def _check_params(self):
+        problem = check_cache_params(self.params, self.base_dir)
+        if problem:
+            raise CacheError(problem)
+        if self.params["keep"] < 1:
+            raise CacheError("keep is %d; retention keeps at least 1 snapshot, so set keep: 1 or "
+                             "more (or versioning: none for no versions)" % self.params["keep"])
+        if self.params["lock_timeout"] < 0:
+            raise CacheError("lock_timeout is %d; set lock_timeout to 0 or more (the seconds to wait "
+                             "for another run on the same base_dir)" % self.params["lock_timeout"])
 
     def _check_base_path(self, must_exist=True):
         if not os.path.isabs(self.base_dir):
             raise CacheError("base_dir %r is relative; give an absolute path" % self.base_dir)
         if self.base_dir == "/":
-            raise CacheError("base_dir / would put the cache over the root filesystem; give a "
-                             "directory such as /mnt/debian_backup")
+            raise CacheError("base_dir %s would put the cache over the root filesystem; give a "
+                             "directory such as /mnt/debian_backup" % self.base_dir)
         problem = check_real_path("base_dir", self.base_dir)
         if problem:
             raise CacheError(problem)
-        if self.params["lock_timeout"] < 0:
-            raise CacheError("lock_timeout is %d; set lock_timeout to 0 or more (the seconds to wait "
-                             "for another run on the same base_dir)" % self.params["lock_timeout"])
-        if not SNAPPER_CONFIG_NAME.match(self.snapper.config):
-            raise CacheError("snapper_config %r is not a usable config name; use letters, digits, "
-                             "'-', '_' and '.', starting with a letter or digit" % self.snapper.config)
         if must_exist and not os.path.isdir(self.base_dir):
             raise CacheError("base_dir %s does not exist; mount the backup volume there (or "
                              "create the directory) first" % self.base_dir)
@@ -420,6 +795,126 @@ class CacheManager:
             raise CacheError("snapper config %r already manages %s, not %s; choose another "
                              "snapper_config" % (self.snapper.config, cache.snapper_subvolume,
                                                  cache.cache_dir))
+
+    def _read(self):
+        """The cache as it is now; its refused entries refuse the run, its ignored ones are warned about."""
+        cache = self.reader.read(self.base_dir)
+        if cache.problems:
+            raise CacheError("; ".join(cache.problems))
+        for text in cache.ignored:
+            if text not in self.warnings:
+                self.warnings.append(text)
+        return cache
+
+    def _check_writable(self, path, what, room=False):
+        """Before anything is changed: the filesystem of path (or of its nearest
+        existing parent) is writable and, with room, has space and inodes left."""
+        while not os.path.lexists(path):
+            path = os.path.dirname(path)
+        vfs = os.statvfs(path)
+        if vfs.f_flag & os.ST_RDONLY:
+            raise CacheError("%s %s is on a read-only filesystem; remount it read-write (mount -o remount,rw) "
+                             "or choose another %s. Nothing was changed." % (what, path, what))
+        if not room:
+            return
+        if vfs.f_bavail * vfs.f_frsize < MIN_FREE_BYTES:
+            raise CacheError(
+                "%s %s is full (%d KiB free; No space left on device); free space on it (lower keep, or delete "
+                "old snapshots) or grow the volume, then run again. Nothing was changed."
+                % (what, path, vfs.f_bavail * vfs.f_frsize // 1024))
+        if vfs.f_files and vfs.f_favail < MIN_FREE_INODES:
+            raise CacheError(
+                "%s %s has no free inodes left (%d; see df -i): free space on it by deleting files, or make "
+                "its filesystem with more inodes, then run again. Nothing was changed."
+                % (what, path, vfs.f_favail))
+
+    def _check_flags(self, relatives):
+        """Refuse when one of the entries of base_dir a run would change is immutable or append-only."""
+        for relative in relatives:
+            parts = relative_parts(relative)
+            try:
+                if not parts:
+                    flags = _inode_flags(self.tree.fd)
+                else:
+                    with self.tree.parent(relative) as (dir_fd, name):
+                        flags = flags_at(dir_fd, name)
+            except (FileNotFoundError, BeneathError):
+                continue
+            if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+                path = self.tree.path(relative)
+                raise CacheError("%s is immutable or append-only (lsattr %s), so the run cannot change it; clear "
+                                 "that with chattr -i -a %s if the change is wanted, then run again. Nothing was "
+                                 "changed." % (path, path, path))
+
+    def _refuse_immutable_paths(self, root, stats, what):
+        """Check mode's and restore's look at what rsync would change or delete in
+        root: an immutable or append-only file or directory there refuses the run."""
+        found = []
+        try:
+            tree = Tree(root)
+        except (FileNotFoundError, BeneathError):
+            return
+        with tree:
+            seen = set()
+            for line in stats.itemized:
+                relative = itemized_path(line).rstrip("/")
+                for candidate in (relative, os.path.dirname(relative)):
+                    if candidate in seen:
+                        continue
+                    seen.add(candidate)
+                    try:
+                        if candidate in ("", "."):
+                            flags = _inode_flags(tree.fd)
+                        else:
+                            with tree.parent(candidate) as (dir_fd, name):
+                                flags = flags_at(dir_fd, name)
+                    except (OSError, BeneathError):
+                        continue
+                    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+                        found.append(tree.path(candidate))
+                if len(found) >= 5:
+                    break
+        if found:
+            raise CacheError("%s holds immutable or append-only entries that the copy would change or delete "
+                             "(%s); clear that with chattr -i -a if the change is wanted, then run again. "
+                             "Nothing was changed." % (what, ", ".join(found)))
+
+    def _verify_dir(self, relative, subvolume=False):
+        """Right before a subvolume is deleted or rsync --delete copies into it:
+        relative is a real directory beneath base_dir (no link on the way or at
+        its end), not a mount point, on base_dir's filesystem, and with
+        subvolume, a btrfs subvolume. Returns False if it is missing."""
+        problem = CacheReader.not_a_layout_dir(self.tree, relative, self.tree.lstat(relative),
+                                               frozenset(mount.point for mount in read_mounts()),
+                                               "part of the cache")
+        if problem:
+            raise CacheError(problem)
+        info = self.tree.lstat(relative)
+        if info is None:
+            return False
+        if subvolume and info.st_ino != BTRFS_SUBVOLUME_INODE:
+            raise CacheError("%s is not a btrfs subvolume, so it is not deleted as one; move it away, then "
+                             "run again" % self.tree.path(relative))
+        return True
+
+    def _delete_subvolume(self, relative):
+        """Delete the subvolume at relative (beneath base_dir), after checking it is one of the cache's."""
+        if not self._verify_dir(relative, subvolume=True):
+            return
+        path = self.tree.path(relative)
+        with self.tree.parent(relative) as (dir_fd, name):
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_ino != BTRFS_SUBVOLUME_INODE:
+                raise CacheError("%s changed while the run checked it; nothing was deleted, run again" % path)
+            try:
+                destroy_subvolume(dir_fd, name)
+            except OSError as error:
+                if error.errno == errno.ENOTEMPTY:
+                    raise CacheError(
+                        "%s holds a btrfs subvolume the cache does not know (btrfs subvolume list -o %s); the "
+                        "module deletes only its own, so delete or move that one, then run again" % (path, path)
+                    ) from None
+                raise OSError(error.errno, error.strerror, path) from None
 
     def _versioning(self, cache):
         versioning = self._resolve_versioning(cache)
@@ -502,75 +997,101 @@ class CacheManager:
     # --- applying ---------------------------------------------------------
 
     def _apply_layout(self, operations, cache, versioning):
+        snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
         for action, text in operations:
             if action == "create_cache":
                 if versioning != "none":
                     self.runner.run(["btrfs", "subvolume", "create", cache.cache_dir])
                 else:
-                    os.mkdir(cache.cache_dir, 0o755)
+                    os.mkdir(CACHE_NAME, 0o755, dir_fd=self.tree.fd)
             elif action == "create_config":
+                self._verify_dir(CACHE_NAME, subvolume=True)
                 self.snapper.create_config(cache.cache_dir)
             elif action == "set_config":
                 self.snapper.set_config(self.snapper.settings(self.params["keep"]))
             elif action == "create_snapshots_dir":
+                self._verify_dir(CACHE_NAME, subvolume=True)
+                if self.tree.lstat(snapshots) is not None:
+                    raise CacheError("%s appeared while the run checked the cache; run again" % cache.snapshots_dir)
                 self.runner.run(["btrfs", "subvolume", "create", cache.snapshots_dir])
             self.operations.append(text)
 
-    def _rsync(self, source, dest, excludes, dry_run, protect=(), delete_excluded=False):
+    def _rsync(self, source, dest, excludes, dry_run, protect=(), delete_excluded=False, purpose="backup"):
         argv = copy_argv(source, dest, excludes=excludes, protect=protect,
                          checksum=self.params["checksum"], dry_run=dry_run,
                          delete_excluded=delete_excluded)
+        kept = ("no snapshot was taken and .backup_meta and every snapshot were left as they were"
+                if purpose == "backup" else "the snapshot is unchanged; restore_dest holds part of it")
         try:
             rc, out = self.runner.run(argv, ok_rcs=(0, RSYNC_VANISHED))
         except CommandError as error:
-            if "No space left on device" in str(error):
+            text = str(error)
+            if "No space left on device" in text:
+                where = ("base_dir %s" % self.base_dir) if purpose == "backup" else ("restore_dest %s" % dest)
                 raise CacheError(
-                    "base_dir %s is full (No space left on device) after part of the copy; free space on "
-                    "it (lower keep, or delete old snapshots) or grow the volume, then run again. No "
-                    "snapshot was taken; .backup_meta and every snapshot were left as they were, and the "
-                    "next run finishes the copy. %s" % (self.base_dir, _last_lines(str(error), 3))) from None
-            raise CacheError("the copy failed, so no snapshot was taken and .backup_meta and every "
-                             "snapshot were left as they were: %s" % error) from None
+                    "%s is full (No space left on device: of data or of inodes, see df -h and df -i) after part "
+                    "of the copy; free space on it (lower keep, or delete old snapshots) or grow the volume, then "
+                    "run again. %s; the next run finishes the copy. %s"
+                    % (where, kept[0].upper() + kept[1:], _last_lines(text, 3))) from None
+            advice = ""
+            if "Operation not permitted" in text:
+                advice = ("the kernel refused to change a file there: it is immutable or append-only (lsattr -R %s); "
+                          "clear that with chattr -i -a, then run again. " % dest)
+            elif "Read-only file system" in text:
+                advice = "%s is on a read-only filesystem; remount it read-write, then run again. " % dest
+            raise CacheError("the copy failed, so %s: %s%s" % (kept, advice, text)) from None
         if rc == RSYNC_VANISHED:
             self.warnings.append("some files vanished from %s while they were copied (rsync exit "
                                  "24); the backup is otherwise complete" % source)
         return parse_output(out)
 
     def _snapshot(self, cache, versioning, userdata):
+        snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
+        self._verify_dir(CACHE_NAME, subvolume=True)
+        # An older tool's .snapshots may be a plain directory: real, beneath base_dir, is what counts.
+        if not self._verify_dir(snapshots):
+            raise CacheError("%s is missing, so no snapshot can be taken; run again" % cache.snapshots_dir)
         if versioning == "snapper":
             number = self.snapper.create(userdata)
             return number, str(number)
         stamp = time.strftime("%Y-%m-%d_%H:%M")
         name, counter = "@" + stamp, 1
-        while os.path.lexists(os.path.join(cache.snapshots_dir, name)):
+        while (self.tree.lstat(os.path.join(snapshots, name)) is not None
+               or self.tree.lstat(os.path.join(snapshots, name + ".meta")) is not None):
             counter += 1
             name = "@%s_%d" % (stamp, counter)
         path = os.path.join(cache.snapshots_dir, name)
         self.runner.run(["btrfs", "subvolume", "snapshot", "-r", cache.cache_dir, path])
         meta = {"META_DATE": stamp.replace("_", " "), "META_DESCRIPTION": SNAPSHOT_DESCRIPTION}
-        meta.update({"META_" + key.upper(): value for key, value in userdata.items()})
-        write_atomically(self.module, path + ".meta", format_meta(meta))
+        meta.update({"META_" + key.upper(): userdata_value(value) for key, value in userdata.items()})
+        with self.tree.directory(snapshots) as fd:
+            _write_at(fd, name + ".meta", format_meta(meta), sync=True)
         return None, name
 
-    def _delete_snapshot(self, snapshot):
+    def _delete_snapshot(self, cache, snapshot):
+        relative = cache.relative(snapshot.path)
         if snapshot.kind == "snapper":
+            # snapper deletes by its own paths: check them first.
+            self._verify_dir(os.path.dirname(relative))
+            self._verify_dir(relative, subvolume=True)
             self.snapper.delete([snapshot.number])
         else:
-            self.runner.run(["btrfs", "subvolume", "delete", snapshot.path])
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(snapshot.path + ".meta")
+            self._delete_subvolume(relative)
+            self.tree.remove(relative + ".meta")
 
     # --- the three states -------------------------------------------------
 
     def backup(self, check_mode):
-        source = os.path.normpath(self.params["source"])
-        if self.params["keep"] < 1:
-            raise CacheError("keep is %d; retention keeps at least 1 snapshot, so set keep: 1 or "
-                             "more (or versioning: none for no versions)" % self.params["keep"])
+        self._check_params()
+        source = self.source
         self._check_base_path()
-        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock:
-            cache = self.reader.read(self.base_dir)
+        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock, Tree(self.base_dir) as self.tree:
+            cache = self._read()
             self.before = cache.view()
+            self._check_writable(self.base_dir, "base_dir", room=True)
+            self._check_no_mounts(cache)
+            self._check_flags(["", META_NAME, HOLDER_NAME, PENDING_NAME, CACHE_NAME,
+                               os.path.join(CACHE_NAME, SNAPSHOTS_NAME)])
             excludes = self._excludes(source)
             self._check_source(source, excludes)
             versioning = self._versioning(cache)
@@ -580,9 +1101,11 @@ class CacheManager:
             protect = ["/" + SNAPSHOTS_NAME]
             if check_mode:
                 stats = self._rsync(source, cache.cache_dir, excludes, True, protect, True)
+                self._refuse_immutable_paths(cache.cache_dir, stats, cache.cache_dir)
                 snapshotting = self._wants_snapshot(versioning, stats, cache.pending)
                 pruned = self._prune_list(cache.snapshots, snapshotting) if versioning != "none" else []
-                self.operations = ["remove the incomplete snapshot %s" % path for path in cache.incomplete]
+                self.operations = ["remove the incomplete snapshot %s" % self.tree.path(path)
+                                   for path in cache.incomplete]
                 self.operations += [text for _action, text in layout]
                 self._describe_copy(stats, source, cache, dry_run=True)
                 if snapshotting:
@@ -595,17 +1118,18 @@ class CacheManager:
                 predicted["snapshots"] += ["(new)"] if snapshotting else []
                 return self._result(cache, versioning, stats, None, pruned, bool(self.operations), predicted)
             lock.claim()
-            self._remove_stale_meta()
+            self._remove_stale_files()
             self._remove_incomplete(cache)
             self._apply_layout(layout, cache, versioning)
-            pending_path = os.path.join(self.base_dir, PENDING_NAME)
-            create_file(pending_path)
+            _write_at(self.tree.fd, PENDING_NAME, "")
+            # rsync --delete runs into .rootfs_cache: it is checked right before.
+            self._verify_dir(CACHE_NAME, subvolume=versioning != "none")
             stats = self._rsync(source, cache.cache_dir, excludes, False, protect, True)
             self._describe_copy(stats, source, cache, dry_run=False)
             created = None
             snapshotting = self._wants_snapshot(versioning, stats, cache.pending)
             if stats.changes or cache.pending or snapshotting:
-                cache = self.reader.read(self.base_dir)
+                cache = self._read()
                 userdata = self._userdata(source, stats)
                 if snapshotting:
                     _number, created = self._snapshot(cache, versioning, userdata)
@@ -614,40 +1138,40 @@ class CacheManager:
                         "META_SIZE": human_size(stats.total_size), "META_KERNEL": userdata["kernel"]}
                 if created:
                     meta["META_SNAPSHOT"] = created
-                write_atomically(self.module, cache.meta_path, format_meta(meta))
+                _write_at(self.tree.fd, META_NAME, format_meta(meta), sync=True)
                 self.operations.append("wrote %s" % cache.meta_path)
-            os.unlink(pending_path)
+            self.tree.remove(PENDING_NAME)
             # Read the cache again only when this run changed it: an unchanged run is common and each
             # read costs several snapper and btrfs calls.
             if self.operations:
-                cache = self.reader.read(self.base_dir)
+                cache = self._read()
             else:
                 cache.pending = False
             pruned = self._prune_list(cache.snapshots, False) if versioning != "none" else []
             for snapshot in pruned:
-                self._delete_snapshot(snapshot)
+                self._delete_snapshot(cache, snapshot)
                 self.operations.append("deleted snapshot %s" % snapshot.name)
             if pruned:
-                cache = self.reader.read(self.base_dir)
+                cache = self._read()
             created_view = next((s.view() for s in cache.snapshots if s.name == created), None)
             return self._result(cache, versioning, stats, created_view, pruned, bool(self.operations))
 
     def _remove_incomplete(self, cache):
-        for path in cache.incomplete:
-            subvolume = os.path.join(path, "snapshot")
-            if os.path.isdir(subvolume):
-                self.runner.run(["btrfs", "subvolume", "delete", subvolume])
-            os.rmdir(path)
-            self.operations.append("removed the incomplete snapshot %s left by an interrupted run" % path)
+        for relative in cache.incomplete:
+            self._verify_dir(relative)
+            self._delete_subvolume(os.path.join(relative, "snapshot"))
+            with self.tree.parent(relative) as (dir_fd, name):
+                os.rmdir(name, dir_fd=dir_fd)
+            self.operations.append("removed the incomplete snapshot %s left by an interrupted run"
+                                   % self.tree.path(relative))
 
-    def _remove_stale_meta(self):
-        """Temporary copies of .backup_meta that a killed run left (we hold the lock)."""
-        prefix = "." + META_NAME + "."  # write_atomically's temporary name
-        for name in os.listdir(self.base_dir):
-            path = os.path.join(self.base_dir, name)
-            if name.startswith(prefix) and not os.path.isdir(path):
-                os.unlink(path)
-                self.operations.append("removed %s left by an interrupted run" % path)
+    def _remove_stale_files(self):
+        """Temporary copies of .backup_meta, the lock and the marker that a killed run left (we hold the lock)."""
+        prefixes = tuple("." + name + "." for name in (META_NAME, HOLDER_NAME, PENDING_NAME))
+        for name in self.tree.listdir():
+            if name.startswith(prefixes) and not self.tree.is_dir(name):
+                self.tree.remove(name)
+                self.operations.append("removed %s left by an interrupted run" % self.tree.path(name))
 
     def _wants_snapshot(self, versioning, stats, pending):
         mode = self.params["snapshot"]
@@ -657,20 +1181,22 @@ class CacheManager:
 
     def _describe_copy(self, stats, source, cache, dry_run):
         if stats.changes:
-            self.operations.append("%s %d changes from %s to %s (%d files, %d bytes)" % (
+            self.operations.append("%s %d changes from %s to %s (%d files, %d bytes%s)" % (
                 "copy" if dry_run else "copied", stats.changes, source, cache.cache_dir,
-                stats.files_transferred, stats.bytes_transferred))
+                stats.files_transferred, stats.bytes_transferred,
+                ", %d deleted" % stats.files_deleted if stats.files_deleted else ""))
 
     def _userdata(self, source, stats):
-        release = read_os_release(os.path.join(source, "etc/os-release"))
+        """distro and kernel of the source, as data: read beneath source, made
+        safe for snapper's userdata and .backup_meta whatever they hold."""
+        release = source_os_release(source)
         if os.path.realpath(source) == "/":
             kernel = platform.release()
         else:
-            modules = os.path.join(source, "lib/modules")
-            kernels = sorted(os.listdir(modules)) if os.path.isdir(modules) else []
+            kernels = source_kernels(source)
             kernel = kernels[-1] if kernels else "unknown"
-        return {"distro": _userdata_value(release.get("NAME") or release.get("ID") or "unknown"),
-                "kernel": _userdata_value(kernel), "size_kb": str(stats.total_size // 1024)}
+        return {"distro": userdata_value(release.get("NAME") or release.get("ID") or "unknown"),
+                "kernel": userdata_value(kernel), "size_kb": str(stats.total_size // 1024)}
 
     def _result(self, cache, versioning, stats, created, pruned, changed, predicted=None):
         """The module's result; `predicted` is the after-state of a check-mode run."""
@@ -683,13 +1209,15 @@ class CacheManager:
         return result
 
     def remove(self, check_mode):
+        self._check_params()
         self._check_base_path(must_exist=False)
         if not os.path.isdir(self.base_dir):
             return self._result(self.reader.read(self.base_dir), None, None, None, [], False)
-        with CacheLock(self.base_dir, self.params["lock_timeout"]):
-            cache = self.reader.read(self.base_dir)
+        with CacheLock(self.base_dir, self.params["lock_timeout"]), Tree(self.base_dir) as self.tree:
+            cache = self._read()
             self.before = cache.view()
             plan = [("snapshot", snap) for snap in sorted(cache.snapshots, key=lambda s: s.order)]
+            plan += [("incomplete", relative) for relative in cache.incomplete]
             if cache.snapper_manages_cache:
                 plan.append(("delete_config", None))
             if cache.snapshots_dir_exists:
@@ -697,8 +1225,11 @@ class CacheManager:
             if cache.cache_exists:
                 plan.append(("cache_dir", None))
             for name in (META_NAME, HOLDER_NAME, PENDING_NAME):
-                if os.path.exists(os.path.join(self.base_dir, name)):
+                if self.tree.lstat(name) is not None:
                     plan.append(("file", name))
+            if plan:
+                self._check_writable(self.base_dir, "base_dir")
+                self._check_removable(cache)
             texts = {
                 "delete_config": "delete snapper config %s" % self.snapper.config,
                 "snapshots_dir": "delete %s" % cache.snapshots_dir,
@@ -706,6 +1237,7 @@ class CacheManager:
             }
             for kind, item in plan:
                 text = ("delete snapshot %s" % item.name if kind == "snapshot" else
+                        "delete the incomplete snapshot %s" % self.tree.path(item) if kind == "incomplete" else
                         "delete %s" % os.path.join(self.base_dir, item) if kind == "file" else texts[kind])
                 if not check_mode:
                     self._remove_one(kind, item, cache)
@@ -713,49 +1245,89 @@ class CacheManager:
             if check_mode:
                 return self._result(cache, None, None, None, [], bool(plan),
                                     {"exists": False, "snapshots": [], "metadata": None})
-            return self._result(self.reader.read(self.base_dir), None, None, None, [], bool(plan))
+            return self._result(self._read(), None, None, None, [], bool(plan))
+
+    @staticmethod
+    def _check_no_mounts(cache):
+        """Nothing is mounted inside the cache: rsync --delete and removal never reach through a mount."""
+        real = os.path.realpath(cache.cache_dir)
+        mounted = [mount.point for mount in read_mounts() if is_within(mount.point, real)]
+        if mounted:
+            raise CacheError("%s has filesystems mounted inside (%s); unmount them, then run again"
+                             % (cache.cache_dir, ", ".join(mounted)))
+
+    def _check_removable(self, cache):
+        """Before anything is deleted: no mount inside the cache, nothing the
+        kernel would refuse to delete (immutable or append-only)."""
+        self._check_no_mounts(cache)
+        snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
+        entries = ["", META_NAME, HOLDER_NAME, PENDING_NAME, CACHE_NAME, snapshots]
+        for snapshot in cache.snapshots:
+            relative = cache.relative(snapshot.path)
+            entries += [os.path.dirname(relative), relative]
+        for relative in cache.incomplete:
+            entries += [relative, os.path.join(relative, "snapshot")]
+        self._check_flags(entries)
+        if cache.cache_exists and not cache.cache_is_subvolume:
+            # A plain tree is deleted file by file: every one of them must be deletable.
+            for directory, dirs, files in self.tree.walk(CACHE_NAME):
+                self._check_flags([os.path.join(directory, name) for name in dirs + files])
 
     def _remove_one(self, kind, item, cache):
         # Read-only snapshots first (rm -rf cannot remove them), then snapper's
         # config while its subvolume still exists, then the subvolumes.
+        snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
         if kind == "snapshot":
-            if os.path.isdir(item.path):
-                self.runner.run(["btrfs", "subvolume", "delete", item.path])
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(item.path + ".meta")
+            relative = cache.relative(item.path)
+            if item.kind == "snapper":
+                self._verify_dir(os.path.dirname(relative))
+            self._delete_subvolume(relative)
+            if item.kind == "btrfs":
+                self.tree.remove(relative + ".meta")
+        elif kind == "incomplete":
+            self._verify_dir(item)
+            self._delete_subvolume(os.path.join(item, "snapshot"))
+            with self.tree.parent(item) as (dir_fd, name):
+                os.rmdir(name, dir_fd=dir_fd)
         elif kind == "delete_config":
+            # snapper deletes .snapshots by its own path: check it first.
+            self._verify_dir(snapshots)
             self.snapper.delete_config()
         elif kind in ("snapshots_dir", "cache_dir"):
-            path = cache.snapshots_dir if kind == "snapshots_dir" else cache.cache_dir
-            if not os.path.isdir(path):
+            relative = snapshots if kind == "snapshots_dir" else CACHE_NAME
+            info = self.tree.lstat(relative)
+            if info is None:
                 return  # snapper delete-config removed .snapshots already
-            if os.stat(path).st_ino == BTRFS_SUBVOLUME_INODE and cache.base_fstype == "btrfs":
-                self.runner.run(["btrfs", "subvolume", "delete", path])
+            if cache.base_fstype == "btrfs" and stat.S_ISDIR(info.st_mode) and info.st_ino == BTRFS_SUBVOLUME_INODE:
+                self._delete_subvolume(relative)
             else:
-                self._remove_plain_tree(path)
+                self._verify_dir(relative)
+                # File by file beneath base_dir: a link in it is removed, never followed,
+                # and nothing is deleted through a mount point.
+                self.tree.remove(relative)
         else:
-            os.unlink(os.path.join(self.base_dir, item))
-
-    def _remove_plain_tree(self, path):
-        mounted = [mount.point for mount in read_mounts() if is_within(mount.point, path)]
-        if mounted:
-            raise CacheError("%s has filesystems mounted inside (%s); unmount them, then run again"
-                             % (path, ", ".join(mounted)))
-        shutil.rmtree(path)
+            self.tree.remove(item)
 
     def restore(self, check_mode):
-        dest = self.params["restore_dest"]
+        self._check_params()
+        dest = self.restore_dest
         if not dest or not os.path.isabs(dest):
             raise CacheError("state restored needs restore_dest, an absolute path to copy the snapshot into")
-        dest = os.path.normpath(dest)
         if dest == "/" and not self.params["allow_restore_to_root"]:
             raise CacheError("restoring over / replaces the running system; set allow_restore_to_root: "
                              "true if that is really meant")
+        problem = check_real_path("restore_dest", dest)
+        if problem:
+            raise CacheError(problem)
+        info = os.lstat(dest) if os.path.lexists(dest) else None
+        if info is not None and not stat.S_ISDIR(info.st_mode):
+            raise CacheError("restore_dest %s exists and is %s; move it away or give a directory to restore into"
+                             % (dest, "a file" if stat.S_ISREG(info.st_mode) else "not a directory"))
         self._check_base_path()
-        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock:
-            cache = self.reader.read(self.base_dir)
+        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock, Tree(self.base_dir) as self.tree:
+            cache = self._read()
             self.before = cache.view()
-            wanted = str(self.params["restore_snapshot"] or "latest")
+            wanted = self.params["restore_snapshot"] or "latest"
             if wanted == "latest":
                 snapshot = cache.newest()
             else:
@@ -763,21 +1335,57 @@ class CacheManager:
             if snapshot is None:
                 names = ", ".join(s.name for s in sorted(cache.snapshots, key=lambda s: s.order)) or "none"
                 raise CacheError("snapshot %s is not in %s (snapshots: %s)" % (wanted, self.base_dir, names))
-            if is_within(os.path.realpath(dest), os.path.realpath(self.base_dir)):
+            base, real_dest = os.path.realpath(self.base_dir), os.path.realpath(dest)
+            if is_within(real_dest, base):
                 raise CacheError("restore_dest %s is inside base_dir; restore somewhere else" % dest)
-            if not check_mode:
-                lock.claim()
-            if not check_mode and not os.path.isdir(dest):
-                os.makedirs(dest, 0o755)
-                self.operations.append("create %s" % dest)
+            if dest != "/" and is_within(base, real_dest):
+                raise CacheError("restore_dest %s holds base_dir %s: a restore deletes what the snapshot lacks "
+                                 "there, the cache with it; restore into a directory outside base_dir"
+                                 % (dest, self.base_dir))
+            self._check_writable(dest, "restore_dest", room=True)
+            if info is not None:
+                with Tree(dest) as target:
+                    if _inode_flags(target.fd) & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+                        raise CacheError("restore_dest %s is immutable or append-only (lsattr -d %s); clear that "
+                                         "with chattr -i -a if the restore is wanted. Nothing was changed."
+                                         % (dest, dest))
+            self._verify_dir(cache.relative(snapshot.path), subvolume=True)
             # A snapshot shows the cache's own .snapshots subvolume as an empty
             # directory: an artifact of the cache, never part of the source.
-            excludes = list(STANDARD_EXCLUDES) if dest == "/" else ["/" + SNAPSHOTS_NAME]
-            stats = self._rsync(snapshot.path, dest, excludes, check_mode or not os.path.isdir(dest))
+            if dest == "/":
+                # The backup volume stays: the snapshot does not hold it, and --delete would take it.
+                excludes = list(STANDARD_EXCLUDES) + ["/" + _literal_pattern(os.path.relpath(base, "/"))]
+            else:
+                excludes = ["/" + SNAPSHOTS_NAME]
+            occupied = info is not None and bool(os.listdir(dest))
+            stats = None
+            if occupied or check_mode:
+                stats = self._rsync(snapshot.path, dest, excludes, True, purpose="restore")
+                if occupied:
+                    self._refuse_immutable_paths(dest, stats, "restore_dest %s" % dest)
+                if stats.files_deleted and not self.params["restore_delete_extra"]:
+                    raise CacheError(
+                        "restore_dest %s is not empty: restoring snapshot %s there would delete %d files that the "
+                        "snapshot lacks (%s%s). Set restore_delete_extra: true to delete them, or restore into an "
+                        "empty or new directory. Nothing was changed." % (
+                            dest, snapshot.name, stats.files_deleted, ", ".join(stats.deleted_paths[:5]),
+                            ", ..." if stats.files_deleted > 5 else ""))
+            if not check_mode:
+                # A backup volume mounted read-only can still be restored from: the holder note is optional.
+                with contextlib.suppress(OSError):
+                    lock.claim()
+                if info is None:
+                    os.makedirs(dest, 0o755)
+                    self.operations.append("create %s" % dest)
+                stats = self._rsync(snapshot.path, dest, excludes, False, purpose="restore")
             if stats.changes:
-                self.operations.append("%s snapshot %s into %s (%d changes, %d bytes)" % (
+                self.operations.append("%s snapshot %s into %s (%d changes, %d bytes, %d deleted)" % (
                     "restore" if check_mode else "restored", snapshot.name, dest, stats.changes,
-                    stats.bytes_transferred))
+                    stats.bytes_transferred, stats.files_deleted))
+            if stats.files_deleted:
+                self.operations.append("%s %d files in %s that snapshot %s lacks (%s%s)" % (
+                    "delete" if check_mode else "deleted", stats.files_deleted, dest, snapshot.name,
+                    ", ".join(stats.deleted_paths[:5]), ", ..." if stats.files_deleted > 5 else ""))
             result = self._result(cache, cache.versioning_found(), stats, None, [], bool(self.operations))
             result["restored"] = snapshot.view()
             return result

@@ -36,13 +36,33 @@ notes:
     because the live system will fill a sparse store up to that size.
   - O(persistence_conf) and the archiso cow tree are written when the store is
     created; an existing store's files are left as they are.
+  - Nothing is followed through a symlink. The image's directory is opened once
+    and every entry in it (the image, its temporary names) is made, changed and
+    removed through that descriptor; a link there is refused or left alone, never
+    followed. Links, temporary files and lock files of other names beside the
+    store are never touched. Before a store is removed or changed it is checked to
+    be the file that was read (same device and inode).
+  - A store is in use when a loop device's backing file is the same inode on the
+    same device; a store whose own name contains the text " (deleted)" is seen as
+    in use like any other.
+  - What the filesystem would refuse half-way is refused before anything is
+    changed, in check mode too - a read-only filesystem, a file or directory with
+    the immutable or append-only attribute (C(chattr +i), C(+a)), too little free
+    space, no free inode for a new store.
 options:
   path:
     description:
       - Absolute path of the image file, or of an existing directory, in which
         case the file name comes from O(layout).
-      - It must not run through a symlink nor lie on a kernel filesystem
-        (C(/proc), C(/sys), C(/dev)...), and must not be C(/).
+      - It is made canonical before any rule is checked - C(//) is C(/), C(.) and
+        C(..) components and trailing slashes are resolved as text - and the
+        result is what the module acts on and returns (V(//x.img) is C(/x.img)).
+      - It must not hold a control character (a newline, a tab), must not be
+        C(/) in any spelling (V(//), V(/./), V(/tmp/..)), must not run through a
+        symlink nor lie on a kernel filesystem (C(/proc), C(/sys), C(/dev)...).
+        When it names a directory, the same rules apply again to the image path
+        in it, so a symlink at the layout's file name is refused.
+      - Its directory must exist and be a directory.
     type: path
     required: true
   state:
@@ -57,6 +77,8 @@ options:
       - Size of the store. A bare number is MiB, as in
         C(sysresccd-backstore create DIR 256); a string may carry a unit
         (V(512M), V(2G), V(1.5GiB); all units are binary). Rounded up to whole MiB.
+      - It must be greater than zero and at most 8 EiB; booleans, infinities and
+        NaN are refused.
       - Required to create a store. A larger size than the current one grows it;
         a smaller one is refused.
     type: raw
@@ -84,6 +106,11 @@ options:
       - Filesystem label. Defaults to C(persistence) for V(live-boot) and
         C(casper-rw) for V(casper); required for V(archiso). A different label
         on an existing store is changed in place.
+      - ASCII letters, digits, C(_), C(.) and C(-), starting with a letter or a
+        digit, and at most as many bytes as the filesystem keeps - 16 for ext2,
+        ext3 and ext4, 12 for xfs, 254 for btrfs. Other characters (a blank, a
+        quote, C(/), a newline, anything not ASCII) are refused, because tools
+        escape or truncate them and the store would never converge.
     type: str
   allocation:
     description:
@@ -94,7 +121,17 @@ options:
     default: sparse
   persistence_conf:
     description:
-      - Lines of C(persistence.conf) for the V(live-boot) layout.
+      - Lines of C(persistence.conf) for the V(live-boot) layout; each item is
+        one line.
+      - Each item is C(DIR) or C(DIR OPTIONS), as live-boot reads it
+        (the persistence.conf manual page), or a comment starting with C(#). C(DIR) is an
+        absolute path without empty, C(.) or C(..) components and outside
+        C(/live). C(OPTIONS) is a comma-separated list of at most one of
+        C(union), C(bind) and C(link), and C(source=PATH), where C(PATH) is
+        relative to the store's root (or C(.)) without C(.) or C(..) components.
+        Paths hold only ASCII letters, digits and C(/ . _ + @ % ~ -).
+      - Control characters (a newline, a tab) are refused, so no item can add
+        a line.
     type: list
     elements: str
     default: ['/ union']
@@ -207,10 +244,12 @@ from ansible_collections.liveclone.core.plugins.module_utils._backstore import (
     BackstoreError,
     run,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 
 
 def main():
@@ -230,8 +269,10 @@ def main():
     )
     try:
         result = run(CommandRunner(module), module.params, module.check_mode, module.tmpdir)
-    except (BackstoreError, CommandError) as error:
+    except (BackstoreError, BeneathError, CommandError) as error:
         module.fail_json(msg=str(error))
+    except OSError as error:
+        module.fail_json(msg=describe_os_error(error, "backstore:"))
     if not module._diff:
         result.pop("diff")
     module.exit_json(**result)

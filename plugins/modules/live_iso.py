@@ -17,6 +17,15 @@ description:
     A btrfs snapshot source is cloned as a writable snapshot, not copied file by file.
   - The image is cleaned of the source's users (UID 1000 and up), homes, SSH host
     keys, machine-id, NetworkManager connections, histories, logs and caches.
+  - The clean-up acts only beneath the image's root and never follows a symlink. A
+    link where it empties or writes (C(home), C(root), C(tmp), C(var/log), C(etc/ssh),
+    C(etc/hostname), C(home/USER) ...) is removed and replaced by a real directory or
+    file; what it pointed to is never touched. A link in C(boot/) or at a user database
+    is followed only while it stays inside the tree; one that leads out is refused.
+  - Every parameter is checked before anything is read or written, in check mode too;
+    then, before the copy, that the destination is writable (not read-only, immutable
+    or append-only), has free inodes, and room for the copy and at least a quarter of
+    the source's size.
   - The build is reproducible. SOURCE_DATE_EPOCH comes from the source, so the same
     snapshot and options give the same ISO, byte for byte. A manifest beside the
     ISO makes an unchanged source with unchanged options a no-op.
@@ -40,6 +49,9 @@ options:
       - Path of the ISO. C(DEST.sha256), C(DEST.md5) and C(DEST.manifest.json) are written beside it.
       - A file name, not a directory; its directory must not run through a symlink, nor lie inside
         O(source_path). A symlink at O(dest) itself is replaced by the ISO, never followed.
+      - Made canonical first (V(//) is V(/), V(.), V(..) and trailing slashes resolved as text), and every
+        rule is checked on that form. Refused when it is V(/), lies directly in V(/), holds a control
+        character, or lies in a work tree of an earlier build (C(.liveclone-iso-work-*)).
     type: path
     required: true
   source:
@@ -51,39 +63,65 @@ options:
     choices: [cache, path, live]
     default: cache
   cache_dir:
-    description: The O(liveclone.core.snapper_cache#module:base_dir) of the cache, with O(source=cache).
+    description:
+      - The O(liveclone.core.snapper_cache#module:base_dir) of the cache, with O(source=cache).
+      - Made canonical first; not V(/), not through a symlink, no control character. A C(.rootfs_cache) or a
+        snapshot in it that is a symlink is never followed; the build is refused.
     type: path
   snapper_config:
-    description: The snapper config of that cache.
+    description:
+      - The snapper config of that cache; letters, digits, C(-), C(_) and C(.), starting with a letter or digit,
+        at most 64.
     type: str
     default: distroclone-backup
   snapshot:
-    description: The snapshot to build from, V(latest) or its name as M(liveclone.core.snapper_cache) returns it.
+    description:
+      - The snapshot to build from, V(latest) or its name as M(liveclone.core.snapper_cache) returns it
+        (a number, or a legacy C(@YYYY-MM-DD_HH:MM[_N]) name). Anything else is refused.
     type: str
     default: latest
   source_path:
-    description: Root of the tree, with O(source=path).
+    description:
+      - Root of the tree, with O(source=path).
+      - Made canonical first; not V(/) (use O(source=live)), not through a symlink, not on a kernel filesystem,
+        no control character. Its C(etc) must be a real directory.
     type: path
   label:
-    description: ISO volume id, at most 32 characters.
+    description:
+      - ISO volume id, also in the GRUB menu titles. At most 32 bytes of ASCII letters, digits, C(_), C(.)
+        and C(-), starting with a letter or digit (no blank, quote or newline).
     type: str
     default: LIVECLONE
   hostname:
-    description: Host name of the live system; letters, digits and C(-), at most 63, not starting or ending with C(-).
+    description:
+      - Host name of the live system (in C(etc/hostname), C(etc/hosts) and the kernel line); one RFC 1123
+        label of letters, digits and C(-), at most 63, not starting or ending with C(-). Matched whole, so a
+        trailing newline is refused.
     type: str
     default: liveclone
   live_user:
-    description: The live system's user, in the groups sudo, audio, video, cdrom, plugdev and netdev. Empty for none.
+    description:
+      - The live system's user, in the groups sudo, audio, video, cdrom, plugdev and netdev. Empty for none.
+      - A POSIX user name, at most 32 of lower-case letters, digits, C(_) and C(-), starting with a letter or
+        C(_). Refused before the copy when the source keeps an account of that name (a system user, or one
+        of O(keep_users)).
     type: str
     default: live
   live_password:
-    description: Password of O(live_user). Without it the user cannot log in on a console.
+    description:
+      - Password of O(live_user). Without it the user cannot log in on a console.
+      - Any text without control characters (a newline is refused); it reaches C(openssl passwd) on stdin only.
     type: str
   root_password:
-    description: Password for root. Without it root is locked; there is no default password.
+    description:
+      - Password for root. Without it root is locked; there is no default password.
+      - Any text without control characters (a newline is refused).
     type: str
   boot_params:
-    description: Extra kernel parameters for every boot entry.
+    description:
+      - Extra kernel parameters for every boot entry, one parameter an item, in printable ASCII without
+        blanks, quotes, backslashes, braces, or any of C(;), C($), C(|), C(&), C(<), C(>), the hash sign and
+        the backquote, so that no item can end a GRUB line or entry.
     type: list
     elements: str
     default: []
@@ -109,23 +147,29 @@ options:
     choices: [zstd, xz, lz4, gzip]
     default: zstd
   compression_level:
-    description: Level for V(zstd) (1-22) or V(gzip) (1-9).
+    description:
+      - Level for V(zstd) (1-22) or V(gzip) (1-9); refused before the copy when out of range, or with V(xz) or
+        V(lz4).
     type: int
   block_size:
     description: squashfs block size in bytes, a power of two from 4096 to 1048576.
     type: int
     default: 1048576
   exclude:
-    description: Extra paths to leave out of the image (shell wildcards, relative to the root).
+    description: Extra paths to leave out of the image (shell wildcards, relative to the root); no control characters.
     type: list
     elements: str
     default: []
   keep_home:
-    description: Keep the contents of C(/home) and C(/root) (histories are removed anyway).
+    description:
+      - Keep the contents of C(/home) and C(/root) (histories are removed anyway).
+      - A home that is a symlink is kept as a link and never entered; its histories are removed only where it
+        leads inside the image. C(home) itself and the home of O(live_user) are made real directories (a link
+        there is replaced).
     type: bool
     default: false
   keep_users:
-    description: Users with UID 1000 or more to keep in the image.
+    description: Users with UID 1000 or more to keep in the image; each a POSIX user name, as for O(live_user).
     type: list
     elements: str
     default: []
@@ -134,7 +178,9 @@ options:
       - Directory for the temporary work tree; it is removed after the build. Defaults to
         the cache's base_dir for O(source=cache), so that the writable snapshot is instant,
         and to the directory of O(dest) otherwise.
-      - If set, it must exist, not run through a symlink, and not lie inside O(source_path).
+      - If set, it must exist, not run through a symlink, and not lie inside O(source_path). Made canonical
+        first; V(/) is refused. A C(.liveclone-iso-work-*) entry there that is not a directory (a symlink
+        planted there) is removed, never followed.
     type: path
   checksums:
     description: Checksum files to write beside the ISO.
@@ -206,10 +252,12 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import IsoError, run
 
 
@@ -246,8 +294,10 @@ def main():
     )
     try:
         result, warnings = run(module, CommandRunner(module), module.params, module.check_mode)
-    except (IsoError, CommandError) as error:
+    except (IsoError, CommandError, BeneathError) as error:
         module.fail_json(msg=str(error))
+    except OSError as error:
+        module.fail_json(msg=describe_os_error(error, "live_iso:"))
     for warning in warnings:
         module.warn(warning)
     module.exit_json(**result)

@@ -30,17 +30,45 @@ notes:
   - Runs as root on the target, with snapper driven without D-Bus (C(snapper --no-dbus)).
   - A lock in O(base_dir) serialises runs on one cache.
   - Check mode runs C(rsync --dry-run) to report what would be copied, and lists
-    the snapshots retention would delete.
+    the snapshots retention would delete. It refuses what a real run refuses.
+  - Every path parameter is made canonical before any rule is checked (V(//),
+    V(/./) and V(/../) are V(/); trailing slashes go), and the result reports the
+    canonical form.
+  - Nothing in O(base_dir) is followed through a symlink. A C(.rootfs_cache) or
+    C(.snapshots) that is a link, not a directory, a mount point or on another
+    filesystem refuses every state (nothing is deleted, copied into or snapshotted
+    through it; remove or unmount it yourself). An entry of C(.snapshots) that is a
+    link or no subvolume is never a snapshot (never listed, pruned or deleted; a
+    warning names it). C(.backup_meta) and the module's own files, when links, are
+    replaced (backup) or removed as links (O(state=absent)); a C(.backup_meta) that
+    is a directory refuses the run. Each subvolume is checked again (a real
+    directory beneath O(base_dir), not a mount point, on its filesystem) right
+    before it is deleted or copied into.
+  - Before anything is changed the run refuses, with a message, a read-only
+    O(base_dir), one that is full or out of inodes, an immutable or append-only
+    entry it would change, and filesystems mounted inside the cache. A file in the
+    cache that is immutable is found by check mode; a real run stops at it (no
+    snapshot taken, C(.backup_meta) and every snapshot unchanged).
+  - C(.backup_meta) and snapper's userdata come from the source's C(os-release) and
+    C(lib/modules) (read beneath O(source), its links resolved inside it); control
+    characters and line separators become spaces, commas and C(=) are kept out of
+    userdata, and C(.backup_meta) escapes C(\) C(") C($) C(`), so a hostile value adds no
+    line, key or shell code.
 options:
   base_dir:
     description:
       - Directory holding the cache, usually where the backup volume is mounted.
         It must exist. Defaults to C(/mnt/<ID>_backup), with ID from the target's
-        C(/etc/os-release), as DistroClone Backup does.
-      - It must not run through a symlink nor lie on a kernel filesystem.
+        C(/etc/os-release) (V(linux) when ID is not a plain name), as DistroClone Backup does.
+      - Absolute, and not V(/) in any spelling (V(//), V(/./)...). It must not run
+        through a symlink nor lie on a kernel filesystem, and must be writable
+        (a read-only mount is refused) for O(state=present) and O(state=absent).
+      - No control characters, and none of C(") C(\) C($) C(`), since snapper writes it into
+        its config as C(SUBVOLUME="...").
     type: path
   source:
-    description: Root of the tree to back up.
+    description:
+      - Root of the tree to back up; no control characters. Symlinks in it are copied as symlinks.
     type: path
     default: /
   state:
@@ -54,8 +82,8 @@ options:
     default: present
   snapper_config:
     description:
-      - Name of the snapper config of the cache; letters, digits, C(-), C(_)
-        and C(.), starting with a letter or digit.
+      - Name of the snapper config of the cache; 1 to 64 of letters, digits, C(-), C(_)
+        and C(.), starting with a letter or digit (the whole value, so a trailing newline is refused).
     type: str
     default: distroclone-backup
   versioning:
@@ -69,7 +97,7 @@ options:
     choices: [auto, snapper, btrfs, none]
     default: auto
   keep:
-    description: How many snapshots retention keeps (at least 1).
+    description: How many snapshots retention keeps; an integer, 1 or more (a boolean is refused).
     type: int
     default: 10
   exclude:
@@ -79,6 +107,8 @@ options:
         snapshot directories and live_iso's default output C(/var/lib/liveclone);
         see docs/snapper_cache.md).
       - A pattern starting with C(/) is anchored at O(source).
+      - No control characters; V(!) and patterns starting with C(+ ) or C(- ) are
+        refused, as rsync reads them as filter rules (V(!) clears every exclusion).
     type: list
     elements: str
     default: []
@@ -100,19 +130,35 @@ options:
   restore_snapshot:
     description:
       - Snapshot to restore with O(state=restored), by name as returned in
-        RV(snapshots) (a snapper number such as V(3), or a legacy V(@2026-06-17_14:30)),
-        or V(latest).
+        RV(snapshots), that is V(latest), a snapper number such as V(3), or a legacy
+        V(@2026-06-17_14:30) (with an optional V(_N)). Nothing else is accepted.
     type: str
     default: latest
   restore_dest:
-    description: Directory to restore into; created when missing. Required with O(state=restored).
+    description:
+      - Directory to restore into; created when missing. Required with O(state=restored).
+      - Absolute, no control characters, not running through a symlink nor being
+        one, not an existing file, not inside O(base_dir), and not holding
+        O(base_dir) (except V(/), where O(base_dir) is left out of the restore).
+      - V(/) in any spelling needs O(allow_restore_to_root).
+      - A directory that holds files the snapshot lacks needs O(restore_delete_extra).
     type: path
+  restore_delete_extra:
+    description:
+      - Allow a restore into a non-empty O(restore_dest) to delete the files there
+        that the snapshot lacks (the copy is C(rsync --delete)).
+      - Without it such a restore is refused, naming how many files would be
+        deleted (found with C(rsync --dry-run)). A destination that is empty, or
+        holds nothing the snapshot lacks, needs nothing. Check mode lists what
+        would be deleted in RV(transfer.deleted_paths).
+    type: bool
+    default: false
   allow_restore_to_root:
-    description: Allow O(restore_dest=/), which overwrites the running system.
+    description: Allow O(restore_dest=/) (or V(//), V(/./)...), which overwrites the running system.
     type: bool
     default: false
   lock_timeout:
-    description: Seconds to wait for another run on the same cache before failing; 0 or more.
+    description: Seconds to wait for another run on the same cache before failing; an integer, 0 or more.
     type: int
     default: 300
 seealso:
@@ -138,6 +184,13 @@ EXAMPLES = r"""
     state: restored
     restore_snapshot: "3"
     restore_dest: /srv/restore
+
+- name: Restore the newest snapshot over an existing copy, deleting what the snapshot lacks
+  liveclone.core.snapper_cache:
+    base_dir: /mnt/debian_backup
+    state: restored
+    restore_dest: /srv/restore
+    restore_delete_extra: true
 
 - name: Delete the whole cache and its snapper config
   liveclone.core.snapper_cache:
@@ -216,7 +269,7 @@ transfer:
       description: Regular files whose data was sent.
       type: int
     files_deleted:
-      description: Files deleted from the destination.
+      description: Entries (files, links and directories) deleted from the destination, or that would be in check mode.
       type: int
     total_size:
       description: Bytes in the copy.
@@ -231,6 +284,13 @@ transfer:
       type: list
       elements: str
       sample: [">f.st...... etc/hostname", "*deleting   etc/old.conf"]
+    deleted_paths:
+      description:
+        - The first 20 paths deleted from the destination (or that would be, in check mode),
+          relative to it; a directory ends with C(/).
+      type: list
+      elements: str
+      sample: ["etc/old.conf", "srv/stale/"]
 metadata:
   description: The C(.backup_meta) values, read as data.
   returned: always
@@ -250,10 +310,12 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import (
     CacheError,
     CacheManager,
@@ -275,6 +337,7 @@ def main():
             checksum=dict(type="bool", default=False),
             restore_snapshot=dict(type="str", default="latest"),
             restore_dest=dict(type="path"),
+            restore_delete_extra=dict(type="bool", default=False),
             allow_restore_to_root=dict(type="bool", default=False),
             lock_timeout=dict(type="int", default=300),
         ),
@@ -285,8 +348,10 @@ def main():
     action = {"present": manager.backup, "absent": manager.remove, "restored": manager.restore}
     try:
         result = action[module.params["state"]](module.check_mode)
-    except (CacheError, CommandError) as error:
+    except (CacheError, CommandError, BeneathError) as error:
         module.fail_json(msg=str(error), operations=manager.operations)
+    except OSError as error:
+        module.fail_json(msg=describe_os_error(error), operations=manager.operations)
     for warning in manager.warnings:
         module.warn(warning)
     if not module._diff:

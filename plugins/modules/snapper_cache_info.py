@@ -16,14 +16,24 @@ author:
 extends_documentation_fragment:
   - liveclone.core._attributes
   - liveclone.core._attributes.INFO_MODULE
+notes:
+  - Nothing in O(base_dir) is followed through a symlink. A C(.rootfs_cache) or
+    C(.snapshots) that is a link (or no directory, a mount point, on another
+    filesystem) and a C(.backup_meta) that is a directory fail the task with a
+    message; entries of C(.snapshots) that are links or no subvolumes are not
+    snapshots and are named in a warning.
 options:
   base_dir:
     description:
       - Directory holding the cache. Defaults to C(/mnt/<ID>_backup), with ID
         from the target's C(/etc/os-release).
+      - Made canonical first (V(//) and V(/./) are V(/)); absolute, not V(/), no
+        control characters.
     type: path
   snapper_config:
-    description: Name of the snapper config of the cache.
+    description:
+      - Name of the snapper config of the cache; 1 to 64 of letters, digits, C(-), C(_)
+        and C(.), starting with a letter or digit (a trailing newline is refused).
     type: str
     default: distroclone-backup
 seealso:
@@ -70,15 +80,34 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
+)
+from ansible_collections.liveclone.core.plugins.module_utils._fs import (
+    canonical_path,
+    check_path_text,
+    describe_os_error,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import (
     CacheReader,
     Snapper,
     default_base_dir,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._text import check_snapper_name
+
+
+def check_params(base_dir, snapper_config):
+    """The refusal of the parameters, or None; base_dir is canonical ('//' is '/')."""
+    problem = check_path_text("base_dir", base_dir) or check_snapper_name("snapper_config", snapper_config)
+    if problem:
+        return problem
+    if not os.path.isabs(base_dir):
+        return "base_dir %r is relative; give an absolute path" % base_dir
+    if base_dir == "/":
+        return "base_dir / holds no cache; give the directory of one, such as /mnt/debian_backup"
+    return None
 
 
 def main():
@@ -90,11 +119,20 @@ def main():
         supports_check_mode=True,
     )
     runner = CommandRunner(module)
-    base_dir = os.path.normpath(module.params["base_dir"] or default_base_dir())
+    base_dir = canonical_path(module.params["base_dir"] or default_base_dir())
+    problem = check_params(base_dir, module.params["snapper_config"])
+    if problem:
+        module.fail_json(msg=problem)
     try:
         cache = CacheReader(runner, Snapper(runner, module.params["snapper_config"])).read(base_dir)
-    except CommandError as error:
+    except (CommandError, BeneathError) as error:
         module.fail_json(msg=str(error))
+    except OSError as error:
+        module.fail_json(msg=describe_os_error(error, "reading the cache"))
+    if cache.problems:
+        module.fail_json(msg="; ".join(cache.problems))
+    for warning in cache.ignored:
+        module.warn(warning)
     module.exit_json(changed=False, **cache.view())
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -35,10 +36,21 @@ def test_parse_size(value, expected):
     assert bs.parse_size(value) == expected
 
 
-@pytest.mark.parametrize("value", ["big", "12Q", "", "-5", 0, True, "0M"])
-def test_parse_size_refuses(value):
-    with pytest.raises(bs.BackstoreError, match="size"):
+@pytest.mark.parametrize("value, words", [
+    ("big", "not understood"), ("12Q", "not understood"), ("", "not understood"), ("-5", "not understood"),
+    (0, "greater than zero"), (-1, "greater than zero"), (-0.5, "greater than zero"), ("0M", "greater than zero"),
+    (True, "boolean"), (False, "boolean"),
+    (float("inf"), "not a finite number"), (float("-inf"), "not a finite number"),
+    (float("nan"), "not a finite number"), ("inf", "not understood"), (".inf", "not understood"),
+    ("nan", "not understood"), ("1e400", "not understood"), ("9" * 400 + "G", "not understood"),
+    (1e300, "larger than any file"), ("9" * 30, "larger than any file"), (2 ** 63, "larger than any file"),
+    ("256\n512", "not understood"),
+])
+def test_parse_size_refuses(value, words):
+    with pytest.raises(bs.BackstoreError, match="size") as error:
         bs.parse_size(value)
+    assert words in str(error.value)
+    assert "give a number of MiB" in str(error.value) or "choose a smaller size" in str(error.value)
 
 
 def params(**overrides):
@@ -67,6 +79,101 @@ def test_desired_defaults_per_layout(tmp_path):
 def test_relative_path_refused():
     with pytest.raises(bs.BackstoreError, match="relative"):
         desired(path="store.img")
+
+
+@pytest.mark.parametrize("path", ["/", "//", "///", "/./", "//.", "/tmp/..", "/tmp/../..", "//tmp/..//"])
+def test_the_root_in_any_spelling_is_refused(path):
+    with pytest.raises(bs.BackstoreError, match="root directory of this host; give the path of an image"):
+        desired(path=path, size=256)
+
+
+@pytest.mark.parametrize("path, canonical", [
+    ("//liveclone-x.img", "/liveclone-x.img"),
+    ("/srv//store.img", "/srv/store.img"),
+    ("/srv/./store.img", "/srv/store.img"),
+    ("/srv/store.img/", "/srv/store.img"),
+    ("/srv/x/../store.img", "/srv/store.img"),
+])
+def test_paths_are_canonical_before_any_rule(path, canonical):
+    assert desired(path=path).path == canonical
+
+
+def test_a_directory_with_a_trailing_slash_gets_the_layout_name(tmp_path):
+    assert desired(path=str(tmp_path) + "//", layout="casper").path == str(tmp_path / "casper-rw")
+
+
+@pytest.mark.parametrize("path", ["/srv/store\n.img", "/srv/a\tb.img", "/srv/x\x7f.img", "/srv/store.img\n"])
+def test_control_characters_in_path_are_refused(path):
+    with pytest.raises(bs.BackstoreError, match="control character"):
+        desired(path=path)
+
+
+def test_an_image_name_that_is_a_link_is_refused_when_path_is_its_directory(tmp_path):
+    (tmp_path / "persistence").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(bs.BackstoreError, match="runs through the symlink .*persistence"):
+        desired(path=str(tmp_path), layout="live-boot")
+
+
+# (fstype, label, accepted)
+LABELS = [
+    ("ext4", "a" * 16, True), ("ext4", "a" * 17, False), ("ext2", "b" * 17, False), ("ext3", "c" * 16, True),
+    ("xfs", "x" * 12, True), ("xfs", "x" * 13, False), ("btrfs", "b" * 254, True), ("btrfs", "b" * 255, False),
+    ("ext4", "persistence", True), ("ext4", "casper-rw", True), ("ext4", "COW_1.2", True),
+    ("ext4", "lab\n", False), ("ext4", "lab\nel", False), ("ext4", 'lab"el', False), ("ext4", "lab'el", False),
+    ("ext4", "persist\u00e4nce", False), ("ext4", "\u00c4" * 8, False), ("ext4", "..", False),
+    ("ext4", "/", False), ("ext4", "x/../../esc", False), ("ext4", "../esc", False), ("ext4", "a b", False),
+    ("ext4", "", False), ("ext4", "-x", False), ("ext4", "x\x00", False), ("ext4", "x$(id)", False),
+]
+
+
+@pytest.mark.parametrize("fstype, label, accepted", LABELS)
+def test_labels_by_filesystem_bytes_and_characters(fstype, label, accepted):
+    if accepted:
+        assert desired(fstype=fstype, label=label).label == label
+    else:
+        with pytest.raises(bs.BackstoreError, match="label"):
+            desired(fstype=fstype, label=label)
+
+
+def test_an_archiso_label_cannot_climb_out_of_path(tmp_path):
+    with pytest.raises(bs.BackstoreError, match="label"):
+        desired(path=str(tmp_path), layout="archiso", label="x/../../esc")
+    with pytest.raises(bs.BackstoreError, match="directly inside"):
+        bs.name_inside(str(tmp_path), "persistent_x/../../esc.img", "image file name")
+    with pytest.raises(bs.BackstoreError, match="directly inside"):
+        bs.name_inside(str(tmp_path), "..", "image file name")
+
+
+# (line, what the refusal says, or None when accepted)
+PERSISTENCE_LINES = [
+    ("/ union", None), ("/home", None), ("/home union", None), ("/home bind", None),
+    ("/home/user1 link,source=config-files/user1", None), ("/media source=.", None),
+    ("/usr union,source=usr", None), ("# a comment", None), ("/var/lib/apt-cache bind", None),
+    ("/home union\n/etc bind", "control character"), ("/ union\n", "control character"),
+    ("/home\tunion", "control character"), ("/home\runion", "control character"),
+    ("", "is empty"), ("   ", "is empty"),
+    ("home union", "is relative; live-boot needs an absolute path such as /home"),
+    ("/home/../etc", "write it as /etc"), ("/home/./x", "write it as /home/x"), ("/home/", "write it as /home"),
+    ("//home", "write it as /home"),
+    ("/live", "keeps for itself"), ("/live/image union", "keeps for itself"),
+    ("/home unionfs", "knows only union, bind, link and source=PATH"),
+    ("/home union,", "knows only union"), ("/home bind,union", "exclude each other"),
+    ("/home source=/abs", "is absolute; give it relative"), ("/home source=../up", "'.' or '..'"),
+    ("/home source=a,source=b", "more than once"), ("/home union bind", "more than a directory"),
+    ("/home$(reboot) union", "may hold only"), ("/h\u00f6me", "may hold only"), ('/home"', "may hold only"),
+]
+
+
+@pytest.mark.parametrize("line, words", PERSISTENCE_LINES)
+def test_persistence_conf_lines(line, words):
+    problem = bs.check_persistence_line(line)
+    if words is None:
+        assert problem is None
+    else:
+        assert problem is not None and words in problem, problem
+        assert problem.startswith("persistence_conf item %r" % line)
+        with pytest.raises(bs.BackstoreError, match="persistence_conf"):
+            desired(layout="live-boot", persistence_conf=["/ union", line])
 
 
 def current(**overrides):
@@ -104,6 +211,11 @@ PLANS = [
      existing(stale_temp_files=["/srv/.store.img.liveclone-tmp-x"]), ["remove_stale"]),
     ("stale private mount", dict(size=256),
      existing(loop_devices=LOOP, mount_points=["/tmp/liveclone-backstore-abc"]), ["unmount_stale"]),
+    ("read-only, nothing to do", dict(size=256), existing(dir_read_only=True), []),
+    ("immutable, nothing to do", dict(size=256), existing(attributes=frozenset({"immutable"})), []),
+    ("immutable directory, grow", dict(size="512M"), existing(dir_attributes=frozenset({"immutable"})),
+     ["extend_file", "grow_filesystem"]),
+    ("no free inodes, grow", dict(size="512M"), existing(dir_free_inodes=0), ["extend_file", "grow_filesystem"]),
 ]
 
 
@@ -134,15 +246,46 @@ REFUSALS = [
      "CAP_SYS_RESOURCE"),
     ("xfs relabel while mounted", dict(fstype="xfs", label="x"),
      existing(512 * MIB, fstype="xfs", loop_devices=LOOP, mount_points=["/mnt/p"]), "unmounted"),
-    ("label too long", dict(size=256, label="a-label-far-too-long"), current(), "at most 16"),
+    ("label too long", dict(size=256, label="a-label-far-too-long"), current(), "longer than the 16 bytes"),
     ("below the xfs minimum", dict(size=256, fstype="xfs"), current(), "xfs minimum"),
     ("below the btrfs minimum", dict(size=200, fstype="btrfs"), current(), "btrfs minimum"),
     ("missing directory", dict(size=256), current(dir_exists=False), "does not exist"),
     ("several loop devices", dict(size=256), existing(loop_devices=LOOP + [
         {"name": "/dev/loop8", "offset": 0, "sizelimit": 0}]), "several loop devices"),
     ("loop with offset", dict(size=256),
-     existing(loop_devices=[{"name": "/dev/loop7", "offset": 512, "sizelimit": 0}]), "offset"),
+     existing(loop_devices=[{"name": "/dev/loop7", "offset": 512, "sizelimit": 0}]), "losetup -d /dev/loop7"),
+    ("a filesystem this module does not manage", dict(size=256), existing(fstype="vfat"),
+     "this module manages only ext2, ext3, ext4, xfs, btrfs stores"),
+    ("read-only, create", dict(size=256), current(dir_read_only=True), "read-only filesystem"),
+    ("read-only, grow", dict(size="512M"), existing(dir_read_only=True), "remount it read-write"),
+    ("read-only, remove", dict(state="absent"), existing(dir_read_only=True), "read-only filesystem"),
+    ("read-only, stale temp file", dict(size=256),
+     existing(dir_read_only=True, stale_temp_files=["/srv/.store.img.liveclone-tmp-x"]), "read-only"),
+    ("immutable image, grow", dict(size="512M"), existing(attributes=frozenset({"immutable"})),
+     "cannot be grown or relabelled; clear it with chattr -i -a /srv/store.img"),
+    ("immutable image, remove", dict(state="absent"), existing(attributes=frozenset({"immutable"})),
+     "cannot be removed"),
+    ("append-only image, relabel", dict(label="new"), existing(attributes=frozenset({"append-only"})),
+     "append-only attribute"),
+    ("immutable directory, create", dict(size=256), current(dir_attributes=frozenset({"immutable"})),
+     "lsattr -d"),
+    ("append-only directory, remove", dict(state="absent"), existing(dir_attributes=frozenset({"append-only"})),
+     "no file can be made or removed in it"),
+    ("no free inodes", dict(size=256), current(dir_free_inodes=0), "no free inodes (df -i)"),
+    ("a link at the image", dict(size=256), existing(is_regular=False, link_target="/canary"),
+     "symlink (to /canary); it is never followed"),
+    ("a link at the image, absent", dict(state="absent"), existing(is_regular=False, link_target="/x"),
+     "never followed"),
+    ("a directory at the image", dict(size=256), existing(is_regular=False), "not a regular file"),
 ]
+
+
+def test_the_advice_is_what_the_module_accepts():
+    with pytest.raises(bs.BackstoreError) as error:
+        bs.plan(desired(size=256), existing(fstype="vfat"))
+    assert "set fstype" not in str(error.value)
+    with pytest.raises(bs.BackstoreError, match="set fstype: btrfs"):
+        bs.plan(desired(size=256), existing(fstype="btrfs"))
 
 
 @pytest.mark.parametrize("description, overrides, state, fragment", REFUSALS,
@@ -186,6 +329,50 @@ def test_layout_tree_and_xfs_protofile(tmp_path):
 def test_live_boot_conf(tmp_path):
     bs.layout_tree(desired(layout="live-boot", persistence_conf=["/home union", "/var"]), str(tmp_path))
     assert (tmp_path / "persistence.conf").read_text() == "/home union\n/var\n"
+
+
+def test_layout_tree_replaces_a_planted_link_and_leaves_its_target(tmp_path):
+    canary = tmp_path / "canary.txt"
+    canary.write_text("keep\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "persistence.conf").symlink_to(canary)
+    bs.layout_tree(desired(layout="live-boot"), str(root))
+    assert canary.read_text() == "keep\n"
+    assert not (root / "persistence.conf").is_symlink()
+    assert (root / "persistence.conf").read_text() == "/ union\n"
+
+
+def test_layout_tree_never_makes_the_cow_tree_through_a_link(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "persistent_COW").symlink_to(elsewhere)
+    with pytest.raises(bs.BeneathError, match="symlink"):
+        bs.layout_tree(desired(layout="archiso", label="COW"), str(root))
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize("plant", ["link to a file", "link to a directory", "fifo"])
+def test_xfs_protofile_refuses_what_is_not_a_file_or_directory(tmp_path, plant):
+    target = tmp_path / "target"
+    target.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "persistence.conf").write_text("/ union\n")
+    if plant == "fifo":
+        os.mkfifo(root / "planted")
+    else:
+        (root / "planted").symlink_to(target if "directory" in plant else root / "persistence.conf")
+    with pytest.raises(bs.BeneathError, match="planted"):
+        bs.xfs_protofile(str(root))
+
+
+def test_xfs_protofile_refuses_names_it_cannot_carry(tmp_path):
+    (tmp_path / "a b").write_text("")
+    with pytest.raises(bs.BeneathError, match="blank"):
+        bs.xfs_protofile(str(tmp_path))
 
 
 def test_read_mount_points(tmp_path):
@@ -308,3 +495,114 @@ def test_a_store_seen_at_two_mount_points_grows_online_through_the_first():
     operations = bs.plan(desired(size="512M"), now)
     assert [operation.action for operation in operations] == ["extend_file", "refresh_loop", "grow_filesystem"]
     assert operations[-1].text.endswith("online on /run/live/persistence/loop1")
+
+
+def losetup_answer(*loops):
+    return FakeModule([(["/usr/sbin/losetup"], (0, json.dumps({"loopdevices": list(loops)}), ""))])
+
+
+def loop(name, back_file, info, device=None):
+    entry = {"name": name, "back-file": back_file, "back-ino": info.st_ino, "offset": 0, "sizelimit": 0}
+    if device is not None:
+        entry["back-maj:min"] = device
+    return entry
+
+
+@pytest.mark.parametrize("file_name", ["store (deleted).img", "store.img (deleted)", "a (deleted) b (deleted)"])
+def test_a_store_named_with_deleted_is_seen_attached(tmp_path, file_name):
+    image = tmp_path / file_name
+    image.write_bytes(b"")
+    info = os.stat(image)
+    device = "  %d:%d " % (os.major(info.st_dev), os.minor(info.st_dev))
+    other = "%d:%d" % (os.major(info.st_dev) + 1, os.minor(info.st_dev))
+    reader = bs.BackstoreReader(CommandRunner(losetup_answer(
+        loop("/dev/loop1", str(image), info, device),
+        loop("/dev/loop2", str(image), info, other),  # the same inode number on another filesystem
+    )))
+    assert [found["name"] for found in reader.loop_devices(str(image))] == ["/dev/loop1"]
+
+
+@pytest.mark.parametrize("back_file, attached", [
+    ("{image}", True),
+    ("{image} (deleted)", True),  # the same inode, reached by a name that is gone
+    ("{stem}.img", False),  # the name with " (deleted)" taken out of its middle
+])
+def test_loop_devices_by_name_where_losetup_gives_no_device(tmp_path, back_file, attached):
+    image = tmp_path / "store (deleted).img"
+    image.write_bytes(b"")
+    info = os.stat(image)
+    back = back_file.format(image=image, stem=tmp_path / "store")
+    reader = bs.BackstoreReader(CommandRunner(losetup_answer(loop("/dev/loop1", back, info))))
+    assert bool(reader.loop_devices(str(image))) is attached
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("/x/a.img (deleted)", "/x/a.img"), ("/x/a (deleted).img", "/x/a (deleted).img"),
+    ("/x/a (deleted).img (deleted)", "/x/a (deleted).img"), ("", ""), (None, ""),
+])
+def test_back_file_name_strips_only_the_trailing_mark(name, expected):
+    assert bs.back_file_name(name) == expected
+
+
+def test_reader_never_follows_links_in_the_image_directory(tmp_path):
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "file").write_text("keep\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "store.img").symlink_to(canary / "file")
+    (work / ".store.img.liveclone-tmp-link").symlink_to(canary / "file")
+    (work / ".store.img.liveclone-tmp-dir").mkdir()
+    (work / ".store.img.liveclone-tmp-real").write_bytes(b"")
+    module = FakeModule([(["/usr/sbin/findmnt"], (0, "ext4\n", ""))])
+    state = bs.BackstoreReader(CommandRunner(module)).read(str(work / "store.img"))
+    assert state.exists and state.link_target == str(canary / "file") and not state.is_regular
+    assert state.stale_temp_files == [str(work / ".store.img.liveclone-tmp-real")]
+    assert not any("losetup" in call[0] or "blkid" in call[0] for call in module.calls)
+    want = dataclasses.replace(desired(path=str(work / "x.img")), path=str(work / "store.img"), state="absent")
+    with pytest.raises(bs.BackstoreError, match="never followed"):
+        bs.plan(want, state)
+
+
+def test_applier_refuses_a_store_replaced_since_it_was_read(tmp_path):
+    image = tmp_path / "store.img"
+    image.write_bytes(b"")
+    want = desired(path=str(image), state="absent")
+    now = existing(path=str(image), identity=(1, 2))
+    with pytest.raises(bs.BackstoreError, match="no longer the file that was read"):
+        bs.BackstoreApplier(CommandRunner(FakeModule()), str(tmp_path)).apply(
+            want, now, [bs.Operation("remove", "remove")])
+    assert image.exists()
+
+
+def test_a_missing_directory_and_a_file_in_its_place(tmp_path):
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(bs.BackstoreError, match="is not a directory"):
+        bs.run(CommandRunner(FakeModule()), params(path=str(tmp_path / "file.txt/store.img"), size=16),
+               True, str(tmp_path))
+    with pytest.raises(bs.BackstoreError, match="is not a directory"):
+        bs.run(CommandRunner(FakeModule()), params(path=str(tmp_path / "file.txt/sub/store.img"), size=16),
+               True, str(tmp_path))
+    with pytest.raises(bs.BackstoreError, match="does not exist; create it"):
+        bs.run(CommandRunner(FakeModule()), params(path=str(tmp_path / "missing/store.img"), size=16),
+               True, str(tmp_path))
+
+
+def test_an_os_error_half_way_names_the_full_path_and_leaves_nothing(tmp_path, monkeypatch):
+    """ENOSPC while the image is written (the filesystem filled meanwhile):
+    the error names the path in full, and the temporary image is gone."""
+    from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
+
+    def full(handle, start, end):
+        raise OSError(28, "No space left on device", ".store.img" + bs.TEMP_INFIX + "x")
+
+    monkeypatch.setattr(bs, "_write_zeros", full)
+    module = FakeModule([(["/usr/sbin/findmnt"], (0, "ext4\n", ""))])
+    with pytest.raises(OSError) as error:
+        bs.run(CommandRunner(module), params(path=str(tmp_path / "store.img"), size=16, allocation="full"),
+               False, str(tmp_path))
+    assert error.value.filename == str(tmp_path / (".store.img" + bs.TEMP_INFIX + "x"))
+    message = describe_os_error(error.value, "backstore:")
+    assert message.startswith("backstore: %s/.store.img" % tmp_path)
+    assert ": No space left on device; the filesystem is full" in message
+    assert os.listdir(tmp_path) == []

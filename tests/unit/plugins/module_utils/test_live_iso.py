@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 
 import pytest
 
@@ -108,11 +110,12 @@ def test_family_check(tmp_path, release, supported):
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/os-release").write_text(release)
     builder = li.IsoBuilder(None, None, params())
-    if supported:
-        builder._check_family(str(tmp_path))
-    else:
-        with pytest.raises(li.IsoError, match="not yet supported"):
-            builder._check_family(str(tmp_path))
+    with li.Tree(str(tmp_path)) as tree:
+        if supported:
+            builder._check_family(tree)
+        else:
+            with pytest.raises(li.IsoError, match="not yet supported"):
+                builder._check_family(tree)
 
 
 @pytest.mark.parametrize(("entries", "boots_live"), [
@@ -175,3 +178,185 @@ def test_an_iso_changed_in_place_or_resized_is_rebuilt(tmp_path):
     assert builder.up_to_date(source, "d") is None
     iso.write_bytes(b"short")
     assert builder.up_to_date(source, "d") is None
+
+
+# --- parameters: every value is checked before anything is read ----------------
+
+GRUB_ENTRY = 'x"\nmenuentry "evil" {'
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"label": "LIVE\n"}, "label 'LIVE\\\\n' is not a label an ISO volume id can hold"),
+    ({"label": GRUB_ENTRY}, "is not a label an ISO volume id can hold"),
+    ({"label": "LIVÉ"}, "use ASCII letters"),
+    ({"label": "L" * 33}, "longer than the 32 bytes an ISO volume id holds"),
+    ({"label": "x/../../esc"}, "is not a label"),
+    ({"hostname": "lc\n"}, "hostname 'lc\\\\n' is not a host name"),
+    ({"hostname": "a" * 64}, "is not a host name"),
+    ({"live_user": "toor::0:0::/root:/bin/sh\nlive"}, "live_user .* is not a user name"),
+    ({"live_user": "../../victim"}, "live_user '../../victim' is not a user name"),
+    ({"keep_users": ["bob", "bob\n"]}, "keep_users 'bob\\\\n' is not a user name"),
+    ({"live_password": "pw\n"}, "live_password holds a control character"),
+    ({"root_password": "p\tw"}, "root_password holds a control character"),
+    ({"boot_params": ["quiet", "x}\nmenuentry"]}, "boot_params item .* is not one kernel parameter"),
+    ({"boot_params": ["a b"]}, "is not one kernel parameter"),
+    ({"snapper_config": "cfg\n"}, "snapper_config 'cfg\\\\n' is not a snapper config name"),
+    ({"snapshot": "latest\n"}, "snapshot 'latest\\\\n' is not a snapshot name"),
+    ({"snapshot": "@2024-01-01_10:00/../x"}, "is not a snapshot name"),
+    ({"exclude": ["/srv\n"]}, "exclude item '/srv\\\\n' holds a control character"),
+    ({"dest": "/srv/iso/live.iso\n"}, "dest .* holds a control character"),
+    ({"work_dir": "/var/tmp/w\n"}, "work_dir .* holds a control character"),
+    ({"source_path": "/srv/.liveclone-iso-work-1/rootfs"}, "lies in a work tree of an earlier build"),
+    ({"compression_level": 99}, "compression_level 99 is out of range for zstd; choose a level from 1 to 22"),
+    ({"compression_level": 0}, "from 1 to 22"),
+    ({"compression": "gzip", "compression_level": 10}, "out of range for gzip; choose a level from 1 to 9"),
+    ({"compression": "gzip", "compression_level": 0}, "from 1 to 9"),
+    ({"compression": "xz", "compression_level": 3}, "compression xz takes no compression_level"),
+    ({"block_size": 1000}, "block_size 1000 is not a power of two"),
+])
+def test_parameter_problems(overrides, words):
+    problems = li.parameter_problems(li.canonical_params(params(**overrides)))
+    assert problems and re.search(words, problems[0]), problems
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"label": "A" * 32}, {"hostname": "a" * 63}, {"live_user": ""}, {"live_user": "_live-1"},
+    {"boot_params": ["ipv6.disable=1", "console=ttyS0,115200n8", "rd.break=pre-mount"]},
+    {"snapshot": "12"}, {"snapshot": "@2024-01-01_10:00"}, {"snapshot": "@2024-01-01_10:00_2"},
+    {"compression_level": 22}, {"compression": "gzip", "compression_level": 9},
+    {"live_password": "p:w\"x'$(id)}{;|&<>#` "},
+])
+def test_valid_values_pass(overrides):
+    assert li.parameter_problems(li.canonical_params(params(**overrides))) == []
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    ({"dest": "/"}, "dest / is a directory"),
+    ({"dest": "//"}, "dest / is a directory"),
+    ({"dest": "//live.iso"}, "dest /live.iso lies directly in /"),
+    ({"dest": "/srv/../live.iso"}, "dest /live.iso lies directly in /"),
+    ({"dest": "live.iso"}, "is relative; give an absolute path"),
+    ({"source": "path", "source_path": "//"}, "source_path / is the running system; use source: live"),
+    ({"source": "path", "source_path": "/usr/.."}, "use source: live"),
+    ({"work_dir": "/."}, "work_dir / is the root directory"),
+    ({"cache_dir": "//"}, "cache_dir / is not a cache"),
+])
+def test_path_rules_hold_on_the_canonical_form(tmp_path, overrides, words):
+    values = params(**dict({"dest": str(tmp_path / "live.iso")}, **overrides))
+    with pytest.raises(li.IsoError, match=words):
+        li.check_params(values)
+
+
+def test_canonical_params_resolve_slashes_and_dots():
+    values = li.canonical_params(params(dest="//srv//iso/./x/../live.iso", work_dir="/var/tmp/", cache_dir=None))
+    assert values["dest"] == "/srv/iso/live.iso" and values["work_dir"] == "/var/tmp" and values["cache_dir"] is None
+
+
+# --- the image's clean-up never follows a link out of the image ---------------
+
+@pytest.fixture
+def victim(tmp_path):
+    """A tree outside the image, and its content, to compare after."""
+    root = tmp_path / "victim"
+    for relative in ("home/alice/notes.txt", "home/alice/.bash_history", "log/syslog", "ssh/ssh_host_rsa_key",
+                     "hostname", "skel/.bashrc"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text("victim %s\n" % relative)
+
+    def snapshot():
+        return {str(path.relative_to(root)): (path.read_text() if path.is_file() else None, path.stat().st_mode)
+                for path in sorted(root.rglob("*"))}
+    before = snapshot()
+    yield root
+    assert snapshot() == before, "the clean-up changed a tree outside the image"
+
+
+def plant(root, relative, target):
+    path = root / relative
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+@pytest.mark.parametrize(("relative", "target", "keep_home"), [
+    ("home", "home", False), ("root", "home/alice", False), ("var/log", "log", False), ("tmp", "", False),
+    ("var/tmp", "home", False), ("etc/ssh", "ssh", False), ("etc/NetworkManager/system-connections", "ssh", False),
+    ("etc/NetworkManager", "ssh", False), ("var/cache/apt/archives", "home/alice", False),
+    ("etc/hostname", "hostname", False), ("etc/hosts", "hostname", False), ("etc/machine-id", "hostname", False),
+    ("etc/skel", "home/alice", False), ("home/live", "home/alice", True), ("home/alice", "home/alice", True),
+    ("root", "home/alice", True), ("home", "home", True),
+])
+def test_clean_and_configure_replace_a_planted_link(tmp_path, victim, relative, target, keep_home):
+    image = tmp_path / "image"
+    image.mkdir()
+    make_tree(image)
+    (image / "etc/skel").mkdir()
+    (image / "etc/skel/.profile").write_text("# skel\n")
+    plant(image, relative, victim / target)
+    builder = li.IsoBuilder(None, Recorder("$6$salted$hash\n"), params(keep_home=keep_home))
+    builder._clean(str(image), 1700000000)
+    builder._configure(str(image), 1700000000)
+    assert not (image / "home").is_symlink() and (image / "home/live").is_dir()
+    assert not (image / "home/live").is_symlink() and (image / "home/live").stat().st_uid == 1000
+    assert relative == "etc/skel" or not (image / relative).is_symlink() or keep_home
+    assert (image / "etc/hostname").read_text() == "liveclone\n"
+    assert not (image / "etc/hostname").is_symlink() and not (image / "etc/hosts").is_symlink()
+    for directory in ("tmp", "var/tmp", "var/log", "etc/ssh"):
+        path = image / directory
+        assert not path.is_symlink() and (not path.exists() or path.is_dir()), directory
+    if relative in ("tmp", "var/tmp"):  # made anew, with the mode of a temporary directory
+        assert (image / relative).stat().st_mode & 0o7777 == 0o1777
+
+
+def test_a_link_on_the_way_to_a_database_is_refused_not_followed(tmp_path, victim):
+    image = tmp_path / "image"
+    image.mkdir()
+    make_tree(image)
+    plant(image, "etc/passwd", victim / "hostname")
+    builder = li.IsoBuilder(None, Recorder(), params())
+    with pytest.raises(li.IsoError, match="etc/passwd in the image is a symlink to .*put the file itself there"):
+        builder._clean(str(image), 1700000000)
+
+
+def test_a_database_link_inside_the_tree_is_read_there_and_replaced(tmp_path):
+    make_tree(tmp_path)
+    (tmp_path / "etc/real-group").write_text((tmp_path / "etc/group").read_text())
+    (tmp_path / "etc/group").unlink()
+    (tmp_path / "etc/group").symlink_to("/etc/real-group")  # absolute: resolved inside the tree
+    builder = li.IsoBuilder(None, Recorder(), params(live_user=""))
+    builder._clean(str(tmp_path), 1700000000)
+    assert not (tmp_path / "etc/group").is_symlink()
+    assert "alice" not in (tmp_path / "etc/group").read_text()
+    assert "alice" in (tmp_path / "etc/real-group").read_text()
+
+
+@pytest.mark.parametrize(("relative", "link", "resolved"), [
+    ("etc/os-release", "../usr/lib/os-release", "usr/lib/os-release"),
+    ("etc/os-release", "/usr/lib/os-release", "usr/lib/os-release"),
+    ("etc/os-release", "../../../../usr/lib/os-release", "usr/lib/os-release"),
+    ("etc/os-release", "/nowhere/os-release", None),
+    ("etc/os-release", "os-release", None),  # a loop
+])
+def test_resolve_in_tree_never_leaves_the_tree(tmp_path, relative, link, resolved):
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "usr/lib/os-release").write_text("ID=debian\n")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / relative).symlink_to(link)
+    with li.Tree(str(tmp_path)) as tree:
+        assert li.resolve_in_tree(tree, relative) == resolved
+
+
+def test_a_kernel_that_is_a_link_out_of_the_tree_is_refused(tmp_path, victim):
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot/vmlinuz-6.1.0-1-amd64").write_text("kernel\n")
+    (tmp_path / "boot/initrd.img-6.1.0-1-amd64").symlink_to("../boot/real-initrd")
+    (tmp_path / "boot/real-initrd").write_text("initrd\n")
+    with li.Tree(str(tmp_path)) as tree:
+        assert li.kernels(tree, "the source") == [("6.1.0-1-amd64", "boot/vmlinuz-6.1.0-1-amd64", "boot/real-initrd")]
+    (tmp_path / "boot/vmlinuz-6.9.0-1-amd64").symlink_to(victim / "hostname")
+    with li.Tree(str(tmp_path)) as tree, pytest.raises(li.IsoError, match="vmlinuz-6.9.0-1-amd64 in the source is a "
+                                                                           "symlink to"):
+        li.kernels(tree, "the source")

@@ -10,7 +10,7 @@ from ansible_collections.liveclone.core.plugins.module_utils._backup_meta import
     human_size,
     parse_meta,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._rsync import copy_argv, parse_output
+from ansible_collections.liveclone.core.plugins.module_utils._rsync import copy_argv, itemized_path, parse_output
 
 RSYNC_OUTPUT = """\
 *deleting   stale
@@ -34,7 +34,25 @@ def test_parse_output_counts_changes_and_stats():
     stats = parse_output(RSYNC_OUTPUT)
     assert stats.view() == {"changes": 5, "files_total": 9, "files_transferred": 3, "files_deleted": 1,
                             "total_size": 104857618, "bytes_transferred": 104857612,
-                            "changed_paths": RSYNC_OUTPUT.splitlines()[:5]}
+                            "changed_paths": RSYNC_OUTPUT.splitlines()[:5], "deleted_paths": ["stale"]}
+
+
+def test_deletions_are_counted_even_without_the_stats_line():
+    out = "*deleting   a/b\n*deleting   a/\n*deleting   c d.txt\n>f+++++++++ new\n"
+    stats = parse_output(out)
+    assert (stats.files_deleted, stats.deleted_paths, stats.changes) == (3, ["a/b", "a/", "c d.txt"], 4)
+    assert "itemized" not in stats.view()
+
+
+@pytest.mark.parametrize("line, path", [
+    (">f+++++++++ etc/hostname", "etc/hostname"),
+    ("cL+++++++++ home -> /data/home", "home"),
+    ("hf+++++++++ a => b", "a"),
+    ("cd+++++++++ dir with space/", "dir with space/"),
+    ("*deleting   old -> x", "old -> x"),
+])
+def test_itemized_path(line, path):
+    assert itemized_path(line) == path
 
 
 def test_parse_output_shows_only_the_first_changed_paths():
@@ -70,6 +88,19 @@ def test_meta_round_trip_never_runs_shell():
     assert text.splitlines()[0] == 'META_DATE="2026-06-17 14:30"'
     assert 'META_DISTRO="Evil \\"\\$(rm -rf /)\\" \\`x\\` \\\\ OS"' in text
     assert parse_meta(text) == values
+
+
+HOSTILE = 'Evil" $(id) `id` \\ a,b=c\rline\x0bfeed\x1b[2J\u2028sep\x85nel\x00\nnext=1'
+
+
+def test_format_meta_keeps_one_line_per_key_whatever_the_values_hold():
+    values = {"META_DATE": "2026-06-17 14:30", "META_DISTRO": HOSTILE, "META_KERNEL": "6.1\n" + HOSTILE}
+    text = format_meta(values)
+    assert text.count("\n") == 3 and text.endswith("\n")
+    assert text.splitlines() == text.split("\n")[:-1], "a line separator other than \\n is left in the text"
+    parsed = parse_meta(text)
+    assert sorted(parsed) == ["META_DATE", "META_DISTRO", "META_KERNEL"]
+    assert parsed["META_DISTRO"] == 'Evil" $(id) `id` \\ a,b=c line feed [2J sep nel  next=1'
 
 
 def test_parse_meta_ignores_code_and_junk():

@@ -161,3 +161,202 @@ def test_other_rsync_failures_fail_before_any_snapshot(rc):
     copier.runner = FakeRunner(rc, "")
     with pytest.raises(sc.CacheError, match="the copy failed, so no snapshot was taken and .backup_meta"):
         copier._rsync("/src", "/dst", [], dry_run=False)
+
+
+# --- trust: parameters, values written into files, links in the layout ---------
+
+BASE_PARAMS = dict(base_dir="/mnt/b", source="/", snapper_config="distroclone-backup", exclude=[],
+                   restore_snapshot="latest", restore_dest=None, keep=3, lock_timeout=1)
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    ({}, None),
+    ({"base_dir": "/mnt/b\n"}, "base_dir '/mnt/b\\n' holds a control character"),
+    ({"source": "/\t"}, "source"),
+    ({"restore_dest": "/srv/r\n"}, "restore_dest"),
+    ({"base_dir": '/mnt/a"b'}, "snapper's config"),
+    ({"base_dir": "/mnt/$HOME"}, "snapper's config"),
+    ({"base_dir": "/mnt/`x`"}, "snapper's config"),
+    ({"base_dir": "/mnt/a\\b"}, "snapper's config"),
+    ({"base_dir": "/mnt/it's here"}, None),
+    ({"snapper_config": "cfg\n"}, "not a snapper config name"),
+    ({"snapper_config": "../etc"}, "not a snapper config name"),
+    ({"exclude": ["/srv/*", "/x\n/y"]}, "exclude item"),
+    ({"exclude": ["!"]}, "filter rule"),
+    ({"exclude": ["+ /proc/***"]}, "filter rule"),
+    ({"exclude": ["- /etc"]}, "filter rule"),
+    ({"exclude": ["-foo", "+x", "!x"]}, None),
+    ({"restore_snapshot": "latest\n"}, "not a snapshot name"),
+    ({"restore_snapshot": "3"}, None),
+    ({"restore_snapshot": "3\n"}, "not a snapshot name"),
+    ({"restore_snapshot": "@2026-06-17_14:30_2"}, None),
+    ({"restore_snapshot": "@2026-06-17_14:30\n"}, "not a snapshot name"),
+    ({"restore_snapshot": "../3"}, "not a snapshot name"),
+    ({"keep": True}, "keep is true, a boolean"),
+    ({"lock_timeout": False}, "lock_timeout is false, a boolean"),
+])
+def test_check_cache_params(overrides, refusal):
+    params = dict(BASE_PARAMS, **overrides)
+    problem = sc.check_cache_params(params, sc.canonical_path(params["base_dir"]))
+    if refusal is None:
+        assert problem is None
+    else:
+        assert problem is not None and refusal in problem, problem
+
+
+@pytest.mark.parametrize("keep, message", [(True, "a boolean"), (0, "keep is 0"), (-3, "keep is -3")])
+def test_keep_must_be_a_number_of_one_or_more(keep, message):
+    with pytest.raises(sc.CacheError, match=message):
+        manager(keep=keep)._check_params()
+
+
+@pytest.mark.parametrize("raw, canonical", [
+    ("//", "/"), ("/./", "/"), ("/../", "/"), ("/mnt/b/", "/mnt/b"), ("/mnt//b//.", "/mnt/b")])
+def test_path_parameters_are_canonical(raw, canonical):
+    chosen = manager(base_dir=raw, source=raw, restore_dest=raw)
+    assert (chosen.base_dir, chosen.source, chosen.restore_dest) == (canonical,) * 3
+
+
+def test_base_dir_root_forms_are_refused():
+    with pytest.raises(sc.CacheError, match="base_dir / would put the cache over the root filesystem"):
+        manager(base_dir="//")._check_base_path()
+
+
+def test_snapper_config_name_pattern_refuses_a_trailing_newline():
+    assert sc.SNAPPER_CONFIG_NAME.match("cfg")
+    assert not sc.SNAPPER_CONFIG_NAME.match("cfg\n")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("Debian GNU/Linux", "Debian GNU/Linux"),
+    ("a,b=c", "a b c"),
+    ("x\ny\rz\x1b\u2028w", "x y z w"),
+    ("", "unknown"),
+    (",,,", "unknown"),
+    ("x" * 500, "x" * sc.USERDATA_MAX),
+])
+def test_userdata_value(text, value):
+    assert sc.userdata_value(text) == value
+
+
+class RecordingRunner:
+    def __init__(self, out=""):
+        self.out, self.argv = out, None
+
+    def run(self, argv, ok_rcs=(0,)):
+        self.argv = argv
+        return 0, self.out
+
+
+def test_snapper_userdata_never_gains_keys():
+    runner = RecordingRunner("7\n")
+    number = sc.Snapper(runner, "cfg").create({"distro": "a,evil=1", "kernel": "6.1=x,y", "size_kb": "4"})
+    userdata = runner.argv[runner.argv.index("--userdata") + 1]
+    assert number == 7
+    assert [pair.split("=")[0] for pair in userdata.split(",")] == ["distro", "kernel", "size_kb"]
+
+
+def test_parse_os_release_undoes_quoting():
+    text = 'NAME="Evil \\"quoted\\" \\$(id) \\\\ x"\nID=evil\nPRETTY_NAME=\'single $(x)\'\nBROKEN="unterminated\n'
+    values = sc.parse_os_release(text)
+    assert values["NAME"] == 'Evil "quoted" $(id) \\ x'
+    assert (values["ID"], values["PRETTY_NAME"], values["BROKEN"]) == ("evil", "single $(x)", "unterminated")
+
+
+@pytest.mark.parametrize("release, expected", [
+    ("ID=debian\n", "/mnt/debian_backup"), ("ID=../../etc\n", "/mnt/linux_backup"),
+    ('ID="de bian"\n', "/mnt/linux_backup"), ("ID=a\nb\n", "/mnt/a_backup"), ("", "/mnt/linux_backup")])
+def test_default_base_dir_takes_only_a_plain_id(tmp_path, release, expected):
+    path = tmp_path / "os-release"
+    path.write_text(release)
+    assert sc.default_base_dir(str(path)) == expected
+
+
+def test_source_files_are_resolved_beneath_the_source(tmp_path):
+    root = tmp_path / "root"
+    (root / "usr/lib/modules/6.1.0-9").mkdir(parents=True)
+    (root / "etc").mkdir()
+    (root / "usr/lib/os-release").write_text('NAME="Inside"\n')
+    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
+    (root / "lib").symlink_to("/usr/lib")  # absolute: resolved inside the root, as the tree's own system does
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "os-release").write_text('NAME="Outside"\n')
+    assert sc.resolve_beneath(str(root), "etc/os-release") == "usr/lib/os-release"
+    assert sc.resolve_beneath(str(root), "../../../etc/os-release") == "usr/lib/os-release"
+    assert sc.source_os_release(str(root)) == {"NAME": "Inside"}
+    assert sc.source_kernels(str(root)) == ["6.1.0-9"]
+    (root / "etc/os-release").unlink()
+    (root / "etc/os-release").symlink_to("/../../../../%s/os-release" % outside)
+    assert sc.resolve_beneath(str(root), "etc/os-release") is None, "a link climbed out of the source"
+    assert sc.source_os_release(str(root)) == {"NAME": "Inside"}  # usr/lib/os-release, never the outside one
+    (root / "etc/loop").symlink_to("loop")
+    assert sc.resolve_beneath(str(root), "etc/loop") is None
+
+
+class PlainRunner:
+    """findmnt says ext4; snapper is not installed."""
+
+    def binary(self, name):
+        from ansible_collections.liveclone.core.plugins.module_utils._command import CommandError
+
+        raise CommandError("no %s" % name)
+
+    def run(self, argv, ok_rcs=(0,)):
+        return 0, "ext4\n"
+
+
+def read_cache(base):
+    return sc.CacheReader(PlainRunner(), sc.Snapper(PlainRunner(), "cfg")).read(str(base))
+
+
+def test_reader_never_takes_a_link_for_the_cache(tmp_path):
+    (tmp_path / "victim").mkdir()
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / ".rootfs_cache").symlink_to(tmp_path / "victim")
+    cache = read_cache(base)
+    assert not cache.cache_exists and cache.cache_refused
+    assert "is a symlink (to %s)" % (tmp_path / "victim") in cache.problems[0]
+
+
+def test_reader_never_takes_a_link_for_the_snapshots(tmp_path):
+    (tmp_path / "victim").mkdir()
+    (tmp_path / "base/.rootfs_cache").mkdir(parents=True)
+    (tmp_path / "base/.rootfs_cache/.snapshots").symlink_to(tmp_path / "victim")
+    cache = read_cache(tmp_path / "base")
+    assert cache.cache_exists and not cache.snapshots_dir_exists
+    assert ".snapshots is a symlink" in cache.problems[0]
+
+
+def test_reader_ignores_legacy_entries_that_are_no_subvolumes(tmp_path):
+    snapshots = tmp_path / "base/.rootfs_cache/.snapshots"
+    snapshots.mkdir(parents=True)
+    (tmp_path / "victim").mkdir()
+    (snapshots / "@2020-01-01_00:00").symlink_to(tmp_path / "victim")
+    (snapshots / "@2020-01-02_00:00").mkdir()
+    cache = read_cache(tmp_path / "base")
+    assert cache.snapshots == [] and not cache.problems
+    assert [text.split(" ")[1:4] for text in cache.ignored] == [
+        ["is", "a", "symlink,"], ["is", "not", "a"]]
+
+
+@pytest.mark.parametrize("kind, problem", [("dir", "is a directory, where the cache keeps its metadata file"),
+                                           ("link", None), ("file", None)])
+def test_reader_on_backup_meta(tmp_path, kind, problem):
+    base = tmp_path / "base"
+    base.mkdir()
+    meta = base / ".backup_meta"
+    if kind == "dir":
+        meta.mkdir()
+    elif kind == "link":
+        (tmp_path / "elsewhere").write_text('META_DISTRO="secret"\n')
+        meta.symlink_to(tmp_path / "elsewhere")
+    else:
+        meta.write_text('META_DISTRO="Debian"\n')
+    cache = read_cache(base)
+    if problem:
+        assert problem in cache.problems[0]
+    else:
+        assert not cache.problems
+        assert cache.meta == ({"META_DISTRO": "Debian"} if kind == "file" else None)
