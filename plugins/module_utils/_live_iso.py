@@ -216,8 +216,8 @@ class IsoBuilder:
             etc = tree.lstat("etc")
             if etc is not None and stat.S_ISLNK(etc.st_mode):
                 raise IsoError("%s %s has a symlink for etc (to %s); the image's etc must be a real directory "
-                               "of the tree: make it one in the source" % (what, source.root,
-                                                                            _link_target(tree, "etc")))
+                               "of the tree: make it one in the source"
+                               % (what, source.root, _link_target(tree, "etc")))
             if etc is None or not stat.S_ISDIR(etc.st_mode):
                 raise IsoError("%s %s does not look like a root tree (no etc/); give the root of a system "
                                "tree (a directory with etc/ and boot/)" % (what, source.root))

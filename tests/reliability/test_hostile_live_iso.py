@@ -128,8 +128,8 @@ def refused_twice(sandbox, params, parameter, fix, root=None):
     for check in (True, False):
         outcome = run_module(sandbox, "live_iso", params, check=check, root=root)
         assert outcome.result is not None, "no result: %s" % outcome.output[-2000:]
-        assert outcome.failed, "accepted%s: %s" % (" in check mode" if check else "",
-                                                  outcome.result.get("operations"))
+        assert outcome.failed, "accepted%s: %s" % (
+            " in check mode" if check else "", outcome.result.get("operations"))
         assert re.search(r"\b%s\b" % re.escape(parameter), outcome.msg), (
             "the message does not name %s: %s" % (parameter, outcome.msg))
         assert re.search(fix, outcome.msg, re.S), "the message does not say what to do (%s): %s" % (
@@ -262,8 +262,8 @@ DEST_CASES = [
 @pytest.mark.parametrize(("kind", "fix"), DEST_CASES, ids=[case[0] for case in DEST_CASES])
 def test_a_destination_that_cannot_take_the_build_is_refused_first(sandbox, canary, lab, kind, fix):
     with unwritable(os.path.join(lab, "work"), kind) as (directory, watched):
-        params = {key: expand(value, lab) for key, value in dict(BASE, dest=os.path.join(directory, "live.iso"),
-                                                                  work_dir="{w}/work").items()}
+        wanted = dict(BASE, dest=os.path.join(directory, "live.iso"), work_dir="{w}/work")
+        params = {key: expand(value, lab) for key, value in wanted.items()}
         before, work_before = state_of(watched), os.listdir(os.path.join(lab, "work"))
         with hostile_case(canary):
             for check in (True, False):
@@ -496,8 +496,8 @@ REFUSED_LINKS = [
 
 
 @pytest.mark.parametrize(("relative", "target", "message"), REFUSED_LINKS, ids=[case[0] for case in REFUSED_LINKS])
-def test_a_link_out_of_the_tree_where_the_image_reads_is_refused(sandbox, canary, debian_tree, relative, target,
-                                                                  message):
+def test_a_link_out_of_the_tree_where_the_image_reads_is_refused(
+        sandbox, canary, debian_tree, relative, target, message):
     base = os.path.join(sandbox, "hostile-iso-refused")
     with overlay(base, "source", debian_tree) as merged:
         version = sorted(name[len("vmlinuz-"):] for name in os.listdir(os.path.join(merged, "boot"))
