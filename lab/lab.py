@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,7 +35,14 @@ CPUS = int(os.environ.get("LIVECLONE_LAB_CPUS", "2"))
 CPU_MODEL = os.environ.get("LIVECLONE_LAB_CPU_MODEL", "qemu64")
 BACKUP_DISK = "12G"
 STICK_DISK = "2G"
-SSH_TIMEOUT = 300
+# Over four times the slowest boot measured under load (a failed boot ends at once).
+SSH_TIMEOUT = 600
+# What a boot that cannot reach sshd prints on the console: stop at once.
+BOOT_FAILURES = re.compile(rb"Kernel panic - not syncing|\(initramfs\) |You are in emergency mode"
+                           rb"|Give root password for maintenance")
+# Ansible's default ssh_args without -C: compressing what does not compress
+# (an ISO being fetched) costs an emulated VM 20 s per 100 MB.
+SSH_ARGS = "-o ControlMaster=auto -o ControlPersist=60s"
 
 
 def image_dir():
@@ -109,6 +117,10 @@ def up(name, state_dir):
     while time.monotonic() - started < SSH_TIMEOUT:
         if not running(pid, vm_dir):
             raise SystemExit("VM %s stopped while booting; see %s/console.log" % (name, vm_dir))
+        failure = boot_failure(os.path.join(vm_dir, "console.log"))
+        if failure:
+            down(name, state_dir)
+            raise SystemExit("VM %s failed to boot (%s); the console's last lines:\n%s" % (name, *failure))
         if subprocess.run(ssh_argv(facts, "true"), capture_output=True, check=False).returncode == 0:
             facts["seconds_to_ssh"] = round(time.monotonic() - started, 1)
             with open(os.path.join(vm_dir, "facts.json"), "w") as handle:
@@ -117,6 +129,19 @@ def up(name, state_dir):
         time.sleep(2)
     down(name, state_dir)
     raise SystemExit("VM %s did not answer ssh within %d s" % (name, SSH_TIMEOUT))
+
+
+def boot_failure(console_log):
+    """(what matched, the console's tail) if the boot failed, else None."""
+    try:
+        with open(console_log, "rb") as handle:
+            console = handle.read()
+    except FileNotFoundError:
+        return None
+    match = BOOT_FAILURES.search(console)
+    if match is None:
+        return None
+    return match.group().decode(errors="replace"), console[-2000:].decode(errors="replace")
 
 
 def down(name, state_dir):
@@ -148,6 +173,7 @@ def inventory(state_dir):
                 "ansible_host": facts["host"], "ansible_port": facts["port"], "ansible_user": facts["user"],
                 "ansible_ssh_private_key_file": facts["key"], "ansible_python_interpreter": "/usr/bin/python3",
                 "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                "ansible_ssh_args": SSH_ARGS,
                 "lab_backup_device": facts["backup_device"], "lab_stick_device": facts["stick_device"],
             }
     return {"all": {"hosts": hosts}}

@@ -33,6 +33,10 @@ import time
 from lab import CPU_MODEL
 
 GRUB_MARKER = b"Live system ("
+# What a boot that cannot reach a login prints: waiting out the limit after
+# one of these only delays the failure.
+BOOT_FAILURES = re.compile(rb"Kernel panic - not syncing|\(initramfs\) $|You are in emergency mode"
+                           rb"|Give root password for maintenance|Press Enter for maintenance")
 DOWN_ARROW = b"\x1b[B"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b.|\r")
 _runs = itertools.count(1)
@@ -133,6 +137,10 @@ class LiveMachine:
             match = regex.search(self.console, self.mark)
             if match:
                 return match
+            failure = BOOT_FAILURES.search(self.console, self.mark)
+            if failure:
+                raise ConsoleError("the boot failed (%r) while waiting for %r; the console's last lines:\n%s" % (
+                    failure.group().decode(errors="replace"), pattern, self.text(self.console[-3000:])))
             if time.monotonic() >= deadline:
                 raise ConsoleError("waited %d s for %r; the console's last lines:\n%s" % (
                     timeout, pattern, self.text(self.console[-1500:])))
@@ -150,8 +158,10 @@ class LiveMachine:
 
     # --- steps -------------------------------------------------------------
 
-    def boot(self, entry=0, timeout=400):
-        """Wait for GRUB's menu, choose entry (0 = first) and wait for the login prompt."""
+    def boot(self, entry=0, timeout=900):
+        """Wait for GRUB's menu, choose entry (0 = first) and wait for the login prompt.
+        The limit is over three times the slowest boot measured under load:
+        a boot that fails (BOOT_FAILURES) ends at once, not at the limit."""
         self.expect(re.escape(GRUB_MARKER), timeout)
         # GRUB prints its countdown once the whole menu is drawn; the first
         # key stops it.
@@ -178,6 +188,12 @@ class LiveMachine:
         # No echo, no prompt and wide lines: the output of a command is only
         # its output. Kernel messages stay off the console.
         self.run("stty -echo cols 1000; PS1=''; PS2=''; dmesg -n 1 2>/dev/null || true")
+
+    def logout(self, timeout=60):
+        """End the shell; wait for getty's next login prompt."""
+        self.mark = len(self.console)
+        self.send(b"exit\n")
+        self.expect(rb"login: *$", timeout)
 
     def run(self, command, timeout=120):
         """(exit status, output) of a shell command line."""

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test tier in order: ruff, ansible-lint, ansible-test sanity,
-# unit tests, integration tests, system tests, the reliability suite (faults,
-# full disks, bad input, planted symlinks), end-to-end workflows on booted
-# machines and the Molecule scenarios on lab VMs (these two side by side).
+# Runs every test tier: first the quick checks (ruff, ansible-lint, unit
+# tests), then side by side the host tiers (ansible-test sanity, integration
+# tests, system tests, the reliability suite) and the end-to-end workflows
+# and Molecule scenarios on lab VMs.
 # Installs what it needs; safe to run again.
 # Usage: scripts/test.sh [TIER...]
 #   (tiers: ruff lint sanity units integration system reliability e2e molecule)
@@ -15,12 +15,15 @@ bootstrap test
 stage_collection
 PY=$VENV/bin/python
 
-# vm_job KIND NAME: one workload on booted VMs (an e2e test module or a
-# Molecule scenario), its output in a log; prints one block when it ends:
-# the time, and e2e's stage timings, or on failure the end of the log.
-vm_job() {
+# job KIND NAME: one job of the parallel phase, its output in a log; prints
+# one block when it ends: the time, and e2e's stage timings, or on failure
+# the end of the log. KIND is tier (a host tier below), e2e (an e2e test
+# module on booted VMs) or molecule (a scenario on lab VMs).
+job() {
     local kind=$1 name=$2 log=$STAGE_ROOT/$1-$2.log started=$SECONDS status=0 report
     case $kind in
+    tier)
+        host_tier "$name" >"$log" 2>&1 || status=$? ;;
     e2e)
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -s -p no:cacheprovider "tests/system/test_e2e_$name.py") >"$log" 2>&1 || status=$? ;;
@@ -31,88 +34,112 @@ vm_job() {
     if [ "$status" = 0 ]; then
         report="$kind $name: passed in $((SECONDS - started)) s"
         [ "$kind" != e2e ] || report+=$'\n'$(sed 's/^/    /' "$log")
+        [ "$kind" != tier ] || report+=$'\n'$(grep -E '^[0-9]+ passed|^reliability:' "$log" | sed 's/^/    /' || true)
     else
         report="$kind $name: FAILED after $((SECONDS - started)) s; the end of $log:"$'\n'$(tail -n 80 "$log" | sed 's/^/    /')
     fi
-    # One write, so that the other lane's report does not cut into it.
+    # One write, so that another lane's report does not cut into it.
     printf '%s\n' "$report"
+    printf '%-28s %5d s\n' "$kind $name" $((SECONDS - started)) >>"$STAGE_ROOT/timings"
     return "$status"
 }
 
-# vm_lane KIND:NAME...: the jobs one after another; a failure does not stop the rest.
-vm_lane() {
-    local job failed=0
-    for job in "$@"; do
-        vm_job "${job%%:*}" "${job#*:}" || failed=1
+# lane KIND:NAME...: the jobs one after another. After a failed host tier
+# the lane's other tiers are skipped (each builds on the one before), its VM
+# jobs still run; a failed VM job does not stop the next one.
+lane() {
+    local item failed=0 tier_failed=false
+    for item in "$@"; do
+        if [ "${item%%:*}" = tier ] && [ "$tier_failed" = true ]; then
+            echo "tier ${item#*:}: skipped after a failed tier"
+            continue
+        fi
+        if ! job "${item%%:*}" "${item#*:}"; then
+            failed=1
+            [ "${item%%:*}" != tier ] || tier_failed=true
+        fi
     done
     return "$failed"
 }
 
-# run_vm_tiers: the e2e tests and the Molecule scenarios that were asked for.
-# A VM under emulation keeps one core busy: at most two VMs run at once, in
-# two lanes of one VM each, balanced by measured time (e2e backing_store 16,
-# distroclone 22, live_iso 12, rootfs_backup 15, backstore 5 min), then the
-# two-VM backup_then_build scenario (14 min) alone.
-run_vm_tiers() {
-    local lane_one=() lane_two=() after=() failed=0 pid_one pid_two=
-    if [[ " ${tiers[*]} " == *" e2e "* ]]; then
-        lane_one+=(e2e:backing_store)
-        lane_two+=(e2e:distroclone)
-    fi
-    if [[ " ${tiers[*]} " == *" molecule "* ]]; then
-        lane_one+=(molecule:live_iso molecule:backstore)
-        lane_two+=(molecule:rootfs_backup)
-        after+=(molecule:backup_then_build)
-    fi
-    step "on lab VMs (QEMU, TCG), two lanes side by side: ${lane_one[*]} | ${lane_two[*]}${after:+; then ${after[*]}}"
-    # Built once here (about 3 minutes the first time), not by both lanes at once.
-    "$PY" "$REPO/lab/lab.py" image >/dev/null
-    vm_lane "${lane_one[@]}" &
-    pid_one=$!
-    vm_lane "${lane_two[@]}" &
-    pid_two=$!
-    wait "$pid_one" || failed=1
-    wait "$pid_two" || failed=1
-    if [ ${#after[@]} -gt 0 ]; then
-        vm_lane "${after[@]}" || failed=1
-    fi
-    [ "$failed" = 0 ] || die "a test on lab VMs failed (see FAILED above)"
-}
-
-vm_tiers_done=false
-for tier in "${tiers[@]}"; do
-    case $tier in
+# host_tier TIER: one tier that runs on this machine.
+host_tier() {
+    case $1 in
     ruff)
-        step "ruff"
         (cd "$REPO" && ruff check .) ;;
     lint)
-        step "ansible-lint (profile production)"
         (cd "$REPO" && ansible-lint --offline) ;;
     sanity)
-        step "ansible-test sanity"
         (cd "$COLLECTION_DIR" && ansible-test sanity --local --python 3.11 --color no) ;;
     units)
-        step "unit tests"
         (cd "$COLLECTION_DIR" && PYTHONPATH=$STAGE_ROOT "$PY" -m pytest -q tests/unit) ;;
     integration)
-        step "integration tests (real loop devices, private mount namespace)"
         # Mounts made inside vanish with the namespace; the targets detach
         # their own loop devices in always blocks.
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             ansible-test integration --local --allow-destructive --python 3.11 --color no) ;;
     system)
-        step "system tests (the built collection, run through ansible-runner, private mount namespace)"
+        # The built collection, run through ansible-runner.
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -p no:cacheprovider --ignore-glob='*/test_e2e_*' tests/system) ;;
     reliability)
-        step "reliability suite (SIGKILL faults, full disks, bad input, symlinks; private mount namespace)"
+        # SIGKILL faults, full disks, bad input, planted symlinks.
         (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -p no:cacheprovider tests/reliability) ;;
-    e2e | molecule)
-        [ "$vm_tiers_done" = false ] || continue
-        run_vm_tiers
-        vm_tiers_done=true ;;
+    *) die "unknown tier $1" ;;
+    esac
+}
+
+wanted() { [[ " ${tiers[*]} " == *" $1 "* ]]; }
+
+# The quick checks first, one after another, streamed: a lint error stops
+# the run in a minute or two.
+: >"$STAGE_ROOT/timings"
+for tier in ruff lint units; do
+    wanted "$tier" || continue
+    step "$tier"
+    started=$SECONDS
+    host_tier "$tier"
+    printf '%-28s %5d s\n' "tier $tier" $((SECONDS - started)) >>"$STAGE_ROOT/timings"
+done
+for tier in "${tiers[@]}"; do
+    case $tier in
+    ruff | lint | units | sanity | integration | system | reliability | e2e | molecule) ;;
     *) die "unknown tier $tier" ;;
     esac
 done
+
+# Then three lanes side by side. A VM under emulation keeps about one core
+# busy, and the host tiers leave about half of this 2-core machine idle
+# (both measured): the host tiers in one lane, the VM jobs in two, balanced
+# by measured time (see docs/lab.md), at most two VMs at once until the
+# host lane has ended.
+host_lane=() lane_one=() lane_two=()
+for tier in sanity integration system reliability; do
+    wanted "$tier" && host_lane+=("tier:$tier")
+done
+wanted e2e && lane_one+=(e2e:distroclone) && lane_two+=(e2e:backing_store)
+wanted molecule && host_lane+=(molecule:backstore) && lane_two+=(molecule:backup_then_build)
+if wanted e2e || wanted molecule; then
+    # Built once here (about 3 minutes the first time), not by two lanes at once.
+    step "the lab image"
+    "$PY" "$REPO/lab/lab.py" image
+fi
+step "side by side: ${host_lane[*]:-nothing} | ${lane_one[*]:-nothing} | ${lane_two[*]:-nothing}"
+failed=0 pids=()
+for jobs in host_lane lane_one lane_two; do
+    declare -n list=$jobs
+    if [ ${#list[@]} -gt 0 ]; then
+        lane "${list[@]}" &
+        pids+=($!)
+    fi
+    unset -n list
+done
+for pid in "${pids[@]}"; do
+    wait "$pid" || failed=1
+done
+step "time per tier and job"
+sed 's/^/    /' "$STAGE_ROOT/timings"
+printf '    %-28s %5d s\n' total "$SECONDS"
+[ "$failed" = 0 ] || die "a tier or a job failed (see FAILED above)"
 step "all tiers passed: ${tiers[*]}"

@@ -100,6 +100,12 @@ BACKUP = """
       rootfs_backup_format_device: true
       rootfs_backup_keep: 2
       rootfs_backup_state: "{{ state | default('present') }}"
+      # Under QEMU's emulation the VM backs up at 2-3 MB/s: the kernel's
+      # modules (390 of 850 MB) stay out, as in the Molecule scenario. The live
+      # system boots to its login without them (its initramfs has what the
+      # boot needs); an ISO with every module is booted in the backing-store
+      # e2e test, and by the main command.
+      rootfs_backup_exclude: [/usr/lib/modules/*]
 """
 
 BUILD = """
@@ -131,7 +137,7 @@ def test_backup_then_build_from_cache(vm, sandbox):
     ssh(vm, "echo planted > /etc/ssh/ssh_host_e2e_planted_key && chmod 600 /etc/ssh/ssh_host_e2e_planted_key")
     vm_host_key = ssh(vm, "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
 
-    with timed("full backup (blank disk formatted, 850 MB root)"):
+    with timed("full backup (blank disk formatted, 460 MB root)"):
         full = backup(vm)
     assert full["changed"] and full["snapshot_created"]["name"] == "1"
     assert snapshot_numbers(vm) == [1]

@@ -1,4 +1,4 @@
-"""The ISO the live_iso role built on the lab VM, and its fetched copy."""
+"""The ISO the live_iso role built on each lab VM, and its fetched copy."""
 
 import hashlib
 import os
