@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from lab import CPU_MODEL
+from lab import CPU_MODEL, CPUS
 
 GRUB_MARKER = b"Live system ("
 # What a boot that cannot reach a login prints: waiting out the limit after
@@ -68,7 +68,7 @@ class LiveMachine:
     # --- the QEMU process --------------------------------------------------
 
     def _argv(self, sock_path):
-        argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", CPU_MODEL, "-m", str(self.memory_mib), "-smp", "2",
+        argv = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", CPU_MODEL, "-m", str(self.memory_mib), "-smp", str(CPUS),
                 "-cdrom", self.iso, "-boot", "d", "-display", "none", "-monitor", "none",
                 "-serial", "unix:%s,server=on,wait=on" % sock_path]
         if self.firmware == "uefi":

@@ -46,6 +46,7 @@ from ._fs import (
     canonical_path,
     check_path_text,
     check_real_path,
+    describe_os_error,
     is_within,
     read_mounts,
 )
@@ -57,6 +58,12 @@ SNAPSHOTS_NAME = ".snapshots"
 META_NAME = ".backup_meta"
 # Who holds the lock; and a marker that a copy started and was not yet versioned.
 HOLDER_NAME = ".liveclone.lock"
+# snapper create-config and delete-config rewrite SNAPPER_CONFIGS in
+# /etc/default/snapper without a lock of their own: two at once on one host
+# (several caches, as on a backup server, or parallel forks) lose one config
+# from the list. Ours serialises them; /run is root's alone, unlike /run/lock.
+SNAPPER_CONFIGS_LOCK = "/run/liveclone-snapper-configs.lock"
+SNAPPER_CONFIGS_LOCK_TIMEOUT = 300
 PENDING_NAME = ".liveclone-pending"
 # snapper keeps each config in /etc/snapper/configs/NAME: no path separators.
 # Anchored with \A...\Z: `$` would let a trailing newline through.
@@ -407,8 +414,36 @@ class Snapper:
         return {"TIMELINE_CREATE": "no", "NUMBER_CLEANUP": "yes", "NUMBER_LIMIT": str(keep),
                 "NUMBER_LIMIT_IMPORTANT": str(keep), "NUMBER_MIN_AGE": "0"}
 
+    @contextlib.contextmanager
+    def configs_lock(self):
+        """Held while snapper changes its list of configs (see SNAPPER_CONFIGS_LOCK)."""
+        try:
+            fd = os.open(SNAPPER_CONFIGS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CacheError(describe_os_error(exc, "cannot open the lock of snapper's config list")) from None
+        try:
+            deadline = time.monotonic() + SNAPPER_CONFIGS_LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise CacheError("another run has held %s for %d s while changing snapper's configs; "
+                                         "try again when it has finished"
+                                         % (SNAPPER_CONFIGS_LOCK, SNAPPER_CONFIGS_LOCK_TIMEOUT)) from None
+                    time.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)
+
     def create_config(self, subvolume):
-        self.run("-c", self.config, "create-config", "--fstype", "btrfs", subvolume)
+        with self.configs_lock():
+            self.run("-c", self.config, "create-config", "--fstype", "btrfs", subvolume)
+            if self.config not in self.configs():
+                raise CacheError("snapper created config %s but does not list it (SNAPPER_CONFIGS in "
+                                 "/etc/default/snapper); another tool changed that list at the same time: "
+                                 "add %s to it, or delete the config and run again" % (self.config, self.config))
 
     def set_config(self, settings):
         self.run("-c", self.config, "set-config", *["%s=%s" % item for item in sorted(settings.items())])
@@ -425,7 +460,8 @@ class Snapper:
         self.run("-c", self.config, "delete", *[str(number) for number in numbers])
 
     def delete_config(self):
-        self.run("-c", self.config, "delete-config")
+        with self.configs_lock():
+            self.run("-c", self.config, "delete-config")
 
 
 def _last_lines(text, count):

@@ -360,3 +360,49 @@ def test_reader_on_backup_meta(tmp_path, kind, problem):
     else:
         assert not cache.problems
         assert cache.meta == ({"META_DISTRO": "Debian"} if kind == "file" else None)
+
+
+class ConfigListRunner:
+    """snapper whose list-configs answers `listed`; records every argv."""
+
+    def __init__(self, listed):
+        self.listed, self.argvs = listed, []
+
+    def run(self, argv, ok_rcs=(0,)):
+        self.argvs.append(argv)
+        if "list-configs" in argv:
+            entries = ['{"config": "%s", "subvolume": "/x"}' % name for name in self.listed]
+            return 0, '{"configs": [%s]}' % ",".join(entries)
+        return 0, ""
+
+
+def test_create_config_verified_in_the_list(tmp_path, monkeypatch):
+    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK", str(tmp_path / "configs.lock"))
+    runner = ConfigListRunner(["other", "cfg"])
+    sc.Snapper(runner, "cfg").create_config("/base/.rootfs_cache")
+    assert runner.argvs[0][-4:] == ["create-config", "--fstype", "btrfs", "/base/.rootfs_cache"]
+
+
+def test_create_config_lost_from_the_list_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK", str(tmp_path / "configs.lock"))
+    with pytest.raises(sc.CacheError, match="does not list it"):
+        sc.Snapper(ConfigListRunner(["other"]), "cfg").create_config("/base/.rootfs_cache")
+
+
+def test_config_changes_wait_for_the_lock(tmp_path, monkeypatch):
+    import fcntl
+    import os
+    lock = tmp_path / "configs.lock"
+    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK", str(lock))
+    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK_TIMEOUT", 0.5)
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    runner = ConfigListRunner(["cfg"])
+    try:
+        with pytest.raises(sc.CacheError, match="another run has held"):
+            sc.Snapper(runner, "cfg").delete_config()
+    finally:
+        os.close(holder)
+    assert runner.argvs == []
+    sc.Snapper(runner, "cfg").delete_config()
+    assert runner.argvs == [["snapper", "--no-dbus", "-c", "cfg", "delete-config"]]
