@@ -15,10 +15,6 @@ bootstrap test
 stage_collection
 PY=$VENV/bin/python
 
-# The VM jobs yield to the host tiers: a VM's threads would otherwise take
-# most of the machine from a single-threaded tier, and the host lane would
-# finish last, alone, on one core.
-VM_NICENESS=10
 # One vCPU per VM (lab.py and the ISO boots): with VMs and tiers side by
 # side, a second vCPU per VM costs more than it gives (docs/lab.md).
 export LIVECLONE_LAB_CPUS=1
@@ -33,11 +29,11 @@ job() {
     tier)
         host_tier "$name" >"$log" 2>&1 || status=$? ;;
     e2e)
-        (cd "$COLLECTION_DIR" && nice -n "$VM_NICENESS" unshare --mount --propagation private -- \
+        (cd "$COLLECTION_DIR" && unshare --mount --propagation private -- \
             "$PY" -m pytest -q -s -p no:cacheprovider "tests/system/test_e2e_$name.py") >"$log" 2>&1 || status=$? ;;
     molecule)
         # Each scenario destroys its VMs, even when it fails.
-        (cd "$COLLECTION_DIR" && nice -n "$VM_NICENESS" molecule test --scenario-name "$name") >"$log" 2>&1 \
+        (cd "$COLLECTION_DIR" && molecule test --scenario-name "$name") >"$log" 2>&1 \
             || status=$? ;;
     esac
     if [ "$status" = 0 ]; then
@@ -121,14 +117,14 @@ done
 # Then three lanes side by side. A VM under emulation keeps about one core
 # busy, and the host tiers leave about half of this 2-core machine idle
 # (both measured): the host tiers in one lane, the VM jobs in two, balanced
-# by measured time (see docs/lab.md), at most two VMs at once until the
-# host lane has ended.
+# by measured time (see docs/lab.md). All at one priority: a VM has
+# deadlines, a host tier has none.
 host_lane=() lane_one=() lane_two=()
 for tier in sanity integration system reliability; do
     wanted "$tier" && host_lane+=("tier:$tier")
 done
 wanted e2e && lane_one+=(e2e:distroclone) && lane_two+=(e2e:backing_store)
-wanted molecule && host_lane+=(molecule:backstore) && lane_two+=(molecule:backup_then_build)
+wanted molecule && lane_one+=(molecule:backstore) && lane_two+=(molecule:backup_then_build)
 if wanted e2e || wanted molecule; then
     # Built once here (about 3 minutes the first time), not by two lanes at once.
     step "the lab image"
