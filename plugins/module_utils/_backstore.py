@@ -28,6 +28,7 @@ from fractions import Fraction
 from ansible.module_utils.common.text.formatters import human_to_bytes
 
 from ._beneath import BeneathError, Tree
+from ._btrfs import filesystem_type
 from ._command import CommandError
 from ._fs import MOUNTINFO, canonical_path, check_path_text, check_real_path, mount_of, read_mounts
 from ._text import check_label
@@ -423,7 +424,7 @@ class BackstoreReader:
         current = Current(path=path)
         name = os.path.basename(path)
         current.can_resize_ext_online = has_capability(CAP_SYS_RESOURCE)
-        current.dir_fstype = self._dir_fstype(tree.root)
+        current.dir_fstype = filesystem_type(self.runner, tree.root)
         vfs = os.fstatvfs(tree.fd)
         current.dir_free = vfs.f_bavail * vfs.f_frsize
         current.dir_free_inodes = vfs.f_favail if vfs.f_files else None
@@ -454,9 +455,6 @@ class BackstoreReader:
         self._read_filesystem(current)
         return current
 
-    def _dir_fstype(self, directory):
-        _rc, out = self.runner.run(["findmnt", "-n", "-o", "FSTYPE", "--target", directory])
-        return out.strip() or None
 
     @staticmethod
     def _stale_temp_files(tree, name):

@@ -32,6 +32,7 @@ import tempfile
 import time
 
 from ._beneath import BeneathError, Tree, relative_parts
+from ._btrfs import Btrfs, filesystem_type, filesystem_uuid, is_subvolume
 from ._command import CommandError
 from ._fs import (
     canonical_path,
@@ -45,7 +46,6 @@ from ._fs import (
 )
 from ._rsync import RSYNC_VANISHED, copy_argv
 from ._snapper_cache import (
-    BTRFS_SUBVOLUME_INODE,
     HOME_EXCLUDES,
     SNAPSHOTS_NAME,
     STANDARD_EXCLUDES,
@@ -162,6 +162,7 @@ class IsoBuilder:
     def __init__(self, module, runner, params):
         self.module = module
         self.runner = runner
+        self.btrfs = Btrfs(runner)
         self.params = params
         self.dest = canonical_path(params["dest"])
         self.operations = []
@@ -263,10 +264,10 @@ class IsoBuilder:
     def _identify(self, source):
         if self._is_subvolume(source.root):
             source.subvolume = True
-            _rc, out = self.runner.run(["btrfs", "subvolume", "show", source.root])
-            uuid = re.search(r"^\s*UUID:\s+(\S+)", out, re.M).group(1)
-            created = re.search(r"^\s*Creation time:\s+(.+)$", out, re.M).group(1).strip()
-            readonly = "readonly" in re.search(r"^\s*Flags:\s+(.*)$", out, re.M).group(1)
+            shown = self.btrfs.show(source.root)
+            uuid = shown["UUID"]
+            created = shown["Creation time"]
+            readonly = "readonly" in shown["Flags"]
             if readonly:
                 # A read-only snapshot never changes: its UUID names its content.
                 # (Its generation does change, when it is snapshotted.)
@@ -286,14 +287,7 @@ class IsoBuilder:
         source.size, source.entries = size, entries
 
     def _is_subvolume(self, path):
-        st = os.lstat(path)
-        return stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_SUBVOLUME_INODE and self._fstype(path) == "btrfs"
-
-    def _fstype(self, path):
-        return self.runner.run(["findmnt", "-n", "-o", "FSTYPE", "--target", path])[1].strip()
-
-    def _fs_uuid(self, path):
-        return self.runner.run(["findmnt", "-n", "-o", "UUID", "--target", path])[1].strip()
+        return is_subvolume(os.lstat(path)) and filesystem_type(self.runner, path) == "btrfs"
 
     def _walk(self, root, excludes):
         """(relative path, mode, size, mtime or 0 for a directory) of each entry, in a
@@ -457,7 +451,8 @@ class IsoBuilder:
     def _copies_by_snapshot(self, source, parent):
         """Whether the copy is a btrfs snapshot (instant, no room needed) rather than rsync."""
         if self._snapshot_copy is None:
-            self._snapshot_copy = bool(source.subvolume and self._fs_uuid(source.root) == self._fs_uuid(parent))
+            self._snapshot_copy = bool(source.subvolume and filesystem_uuid(self.runner, source.root)
+                                       == filesystem_uuid(self.runner, parent))
         return self._snapshot_copy
 
     # --- build ------------------------------------------------------------
@@ -504,9 +499,8 @@ class IsoBuilder:
             raise IsoError("%s still has mounts; not removing it" % path)
         with Tree(path) as tree:
             rootfs = tree.lstat("rootfs")
-        if (rootfs is not None and stat.S_ISDIR(rootfs.st_mode) and rootfs.st_ino == BTRFS_SUBVOLUME_INODE
-                and rootfs.st_dev != os.lstat(path).st_dev):
-            self.runner.run(["btrfs", "subvolume", "delete", os.path.join(path, "rootfs")])
+        if rootfs is not None and is_subvolume(rootfs) and rootfs.st_dev != os.lstat(path).st_dev:
+            self.btrfs.delete(os.path.join(path, "rootfs"))
         shutil.rmtree(path)
 
     @contextlib.contextmanager
@@ -567,7 +561,7 @@ class IsoBuilder:
 
     def _copy_source(self, source, rootfs):
         if self._copies_by_snapshot(source, os.path.dirname(rootfs)):
-            self.runner.run(["btrfs", "subvolume", "snapshot", source.root, rootfs])
+            self.btrfs.snapshot(source.root, rootfs)
             # A snapshot shows nested subvolumes as empty directories.
             with Tree(rootfs) as tree:
                 info = tree.lstat(SNAPSHOTS_NAME)

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 from ._backup_meta import format_meta, human_size, parse_meta
 from ._beneath import BeneathError, Tree, relative_parts
+from ._btrfs import Btrfs, destroy_subvolume, filesystem_type, is_subvolume, same_filesystem
 from ._command import CommandError
 from ._fs import (
     MOUNTINFO,
@@ -84,7 +85,6 @@ HOME_DIRS = ("/home", "/root")
 LEGACY_NAME = re.compile(r"\A@(\d{4}-\d{2}-\d{2})_(\d{2}:\d{2})(?:_(\d+))?\Z")
 # What restore_snapshot may name: latest, a snapper number, a legacy snapshot.
 RESTORE_SNAPSHOT = re.compile(r"latest|[0-9]{1,9}|@\d{4}-\d{2}-\d{2}_\d{2}:\d{2}(?:_\d{1,9})?")
-BTRFS_SUBVOLUME_INODE = 256
 SNAPSHOT_DESCRIPTION = "liveclone.core backup"
 
 # base_dir goes into snapper's config as SUBVOLUME="...": what double quotes do not hold as text.
@@ -98,11 +98,7 @@ OS_RELEASE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 USERDATA_UNSAFE = re.compile("[,=\x00-\x1f\x7f\x85\u2028\u2029]")
 USERDATA_MAX = 200
 
-# Linux ioctls: a subvolume deleted by name from its parent's descriptor (the
-# same call `btrfs subvolume delete` makes), the filesystem's id, inode flags.
-BTRFS_IOC_SNAP_DESTROY = 0x5000940F
-BTRFS_IOC_FS_INFO = 0x8400941F
-BTRFS_PATH_NAME_MAX = 4087
+# Linux ioctls: inode flags.
 FS_IOC_GETFLAGS = 0x80086601
 FS_IMMUTABLE_FL = 0x10
 FS_APPEND_FL = 0x20
@@ -235,32 +231,6 @@ def flags_at(dir_fd, name):
         return _inode_flags(fd)
     finally:
         os.close(fd)
-
-
-def _fsid(fd):
-    try:
-        return fcntl.ioctl(fd, BTRFS_IOC_FS_INFO, bytes(1024))[16:32]
-    except OSError:
-        return None
-
-
-def same_filesystem(fd_a, fd_b):
-    """Whether two open directories are on one filesystem: by device number,
-    or for btrfs (each subvolume its own device number) by filesystem id."""
-    if os.fstat(fd_a).st_dev == os.fstat(fd_b).st_dev:
-        return True
-    fsid = _fsid(fd_a)
-    return fsid is not None and fsid == _fsid(fd_b)
-
-
-def destroy_subvolume(dir_fd, name):
-    """Delete the btrfs subvolume `name` in the directory dir_fd. The kernel
-    looks the name up in that directory: a link there is refused (ENOTDIR),
-    never followed."""
-    encoded = os.fsencode(name)
-    if len(encoded) > BTRFS_PATH_NAME_MAX or b"/" in encoded:
-        raise OSError(errno.ENAMETOOLONG, "not one name of a subvolume", name)
-    fcntl.ioctl(dir_fd, BTRFS_IOC_SNAP_DESTROY, bytearray(struct.pack("q4088s", 0, encoded)))
 
 
 def _write_at(dir_fd, name, text, mode=0o644, sync=False):
@@ -482,6 +452,7 @@ class CacheReader:
     def __init__(self, runner, snapper):
         self.runner = runner
         self.snapper = snapper
+        self.btrfs = Btrfs(runner)
 
     def read(self, base_dir):
         cache = Cache(base_dir=base_dir)
@@ -491,7 +462,7 @@ class CacheReader:
             cache.snapper_subvolume = self.snapper.configs().get(self.snapper.config)
         if not cache.base_exists:
             return cache
-        cache.base_fstype = self.fstype(base_dir)
+        cache.base_fstype = filesystem_type(self.runner, base_dir)
         # The info module may be given a base_dir through a link: it only reads.
         with Tree(os.path.realpath(base_dir)) as tree:
             self._read_tree(cache, tree)
@@ -507,7 +478,7 @@ class CacheReader:
             cache.cache_refused = True
         elif cache_info is not None:
             cache.cache_exists = True
-            cache.cache_is_subvolume = btrfs and cache_info.st_ino == BTRFS_SUBVOLUME_INODE
+            cache.cache_is_subvolume = btrfs and is_subvolume(cache_info)
             relative = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
             info = tree.lstat(relative)
             problem = self.not_a_layout_dir(tree, relative, info, mounts, "the snapshots (.snapshots)")
@@ -597,7 +568,7 @@ class CacheReader:
                 return None
             if tree.path(step) in mounts:
                 return step, "is a mount point"
-        if tree.lstat(relative).st_ino != BTRFS_SUBVOLUME_INODE:
+        if not is_subvolume(tree.lstat(relative)):
             return relative, "is not a btrfs subvolume"
         return None
 
@@ -608,12 +579,6 @@ class CacheReader:
             return False
         return True
 
-    def fstype(self, path):
-        return self.runner.run(["findmnt", "-n", "-o", "FSTYPE", "--target", path])[1].strip() or None
-
-    def read_only(self, path):
-        out = self.runner.run(["btrfs", "property", "get", "-ts", path, "ro"], ok_rcs=(0, 1))[1]
-        return out.strip() == "ro=true"
 
     def _snapper_snapshots(self, cache, tree, mounts):
         found = []
@@ -628,7 +593,7 @@ class CacheReader:
                 name=str(item["number"]), number=item["number"], kind="snapper",
                 date=item.get("date") or "", description=item.get("description") or "",
                 userdata=item.get("userdata") or {}, path=path,
-                read_only=tree.is_dir(relative) and self.read_only(path)))
+                read_only=tree.is_dir(relative) and self.btrfs.read_only(path)))
         return found
 
     def _legacy_snapshots(self, cache, tree, mounts):
@@ -653,7 +618,7 @@ class CacheReader:
                 name=name, number=None, kind="btrfs",
                 date="%s %s" % (match.group(1), match.group(2)),
                 description=meta.get("META_DESCRIPTION", ""), userdata=userdata, path=path,
-                read_only=self.read_only(path)))
+                read_only=self.btrfs.read_only(path)))
         return found
 
 
@@ -795,6 +760,7 @@ class CacheManager:
         self.restore_dest = canonical_path(params.get("restore_dest"))
         self.snapper = Snapper(runner, params["snapper_config"])
         self.reader = CacheReader(runner, self.snapper)
+        self.btrfs = Btrfs(runner)
         self.warnings = []
         self.operations = []
         self.before = None
@@ -928,7 +894,7 @@ class CacheManager:
         info = self.tree.lstat(relative)
         if info is None:
             return False
-        if subvolume and info.st_ino != BTRFS_SUBVOLUME_INODE:
+        if subvolume and not is_subvolume(info):
             raise CacheError("%s is not a btrfs subvolume, so it is not deleted as one; move it away, then "
                              "run again" % self.tree.path(relative))
         return True
@@ -940,7 +906,7 @@ class CacheManager:
         path = self.tree.path(relative)
         with self.tree.parent(relative) as (dir_fd, name):
             info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            if not stat.S_ISDIR(info.st_mode) or info.st_ino != BTRFS_SUBVOLUME_INODE:
+            if not is_subvolume(info):
                 raise CacheError("%s changed while the run checked it; nothing was deleted, run again" % path)
             try:
                 destroy_subvolume(dir_fd, name)
@@ -1037,7 +1003,7 @@ class CacheManager:
         for action, text in operations:
             if action == "create_cache":
                 if versioning != "none":
-                    self.runner.run(["btrfs", "subvolume", "create", cache.cache_dir])
+                    self.btrfs.create_subvolume(cache.cache_dir)
                 else:
                     os.mkdir(CACHE_NAME, 0o755, dir_fd=self.tree.fd)
             elif action == "create_config":
@@ -1049,7 +1015,7 @@ class CacheManager:
                 self._verify_dir(CACHE_NAME, subvolume=True)
                 if self.tree.lstat(snapshots) is not None:
                     raise CacheError("%s appeared while the run checked the cache; run again" % cache.snapshots_dir)
-                self.runner.run(["btrfs", "subvolume", "create", cache.snapshots_dir])
+                self.btrfs.create_subvolume(cache.snapshots_dir)
             self.operations.append(text)
 
     def _rsync(self, source, dest, excludes, dry_run, protect=(), delete_excluded=False, purpose="backup"):
@@ -1097,7 +1063,7 @@ class CacheManager:
             counter += 1
             name = "@%s_%d" % (stamp, counter)
         path = os.path.join(cache.snapshots_dir, name)
-        self.runner.run(["btrfs", "subvolume", "snapshot", "-r", cache.cache_dir, path])
+        self.btrfs.snapshot(cache.cache_dir, path, read_only=True)
         meta = {"META_DATE": stamp.replace("_", " "), "META_DESCRIPTION": SNAPSHOT_DESCRIPTION}
         meta.update({"META_" + key.upper(): userdata_value(value) for key, value in userdata.items()})
         with self.tree.directory(snapshots) as fd:
@@ -1334,7 +1300,7 @@ class CacheManager:
             info = self.tree.lstat(relative)
             if info is None:
                 return  # snapper delete-config removed .snapshots already
-            if cache.base_fstype == "btrfs" and stat.S_ISDIR(info.st_mode) and info.st_ino == BTRFS_SUBVOLUME_INODE:
+            if cache.base_fstype == "btrfs" and is_subvolume(info):
                 self._delete_subvolume(relative)
             else:
                 self._verify_dir(relative)
