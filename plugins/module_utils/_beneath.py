@@ -23,6 +23,8 @@ import stat
 from ._fs import read_mounts
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# As many links as the kernel follows in one path (MAXSYMLINKS).
+MAX_LINKS = 40
 
 
 class BeneathError(Exception):
@@ -122,6 +124,45 @@ class Tree:
                 return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+
+    def readlink(self, relative):
+        """The target of the symlink at relative."""
+        with self.parent(relative) as (dir_fd, name):
+            return os.readlink(name, dir_fd=dir_fd)
+
+    def resolve(self, relative):
+        """relative with every symlink on it resolved as the tree's own system
+        would (an absolute target starts again at the tree's root, '..' stops at
+        it): a path beneath the root free of links, or None when it leads to
+        nothing inside the tree (or loops). It never leaves the tree. Only for
+        reading a source tree's files (os-release, lib/modules, boot)."""
+        pending = [part for part in relative.split("/") if part not in ("", ".")]
+        resolved = []
+        links = 0
+        while pending:
+            part = pending.pop(0)
+            if part == "..":
+                if resolved:
+                    resolved.pop()
+                continue
+            candidate = "/".join(resolved + [part])
+            try:
+                info = self.lstat(candidate)
+            except BeneathError:  # a file on the way
+                return None
+            if info is None:
+                return None
+            if stat.S_ISLNK(info.st_mode):
+                links += 1
+                if links > MAX_LINKS:
+                    return None
+                target = self.readlink(candidate)
+                if target.startswith("/"):
+                    resolved = []
+                pending = [p for p in target.split("/") if p not in ("", ".")] + pending
+                continue
+            resolved.append(part)
+        return "/".join(resolved)
 
     def is_dir(self, relative):
         info = self.lstat(relative) if relative_parts(relative) else os.fstat(self.fd)

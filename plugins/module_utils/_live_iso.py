@@ -31,7 +31,7 @@ import stat
 import tempfile
 import time
 
-from ._beneath import BeneathError, Tree, relative_parts
+from ._beneath import Tree, relative_parts
 from ._btrfs import Btrfs, filesystem_type, filesystem_uuid, is_subvolume
 from ._command import CommandError
 from ._fs import (
@@ -44,15 +44,9 @@ from ._fs import (
     symlink_on,
     write_atomically,
 )
+from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes, tree_os_release
 from ._rsync import RSYNC_VANISHED, copy_argv
-from ._snapper_cache import (
-    HOME_EXCLUDES,
-    SNAPSHOTS_NAME,
-    STANDARD_EXCLUDES,
-    CacheReader,
-    Snapper,
-    mount_excludes,
-)
+from ._snapper_cache import SNAPSHOTS_NAME, CacheReader, Snapper
 from ._text import (
     check_boot_param,
     check_host_name,
@@ -218,7 +212,7 @@ class IsoBuilder:
             if etc is not None and stat.S_ISLNK(etc.st_mode):
                 raise IsoError("%s %s has a symlink for etc (to %s); the image's etc must be a real directory "
                                "of the tree: make it one in the source"
-                               % (what, source.root, _link_target(tree, "etc")))
+                               % (what, source.root, tree.readlink("etc")))
             if etc is None or not stat.S_ISDIR(etc.st_mode):
                 raise IsoError("%s %s does not look like a root tree (no etc/); give the root of a system "
                                "tree (a directory with etc/ and boot/)" % (what, source.root))
@@ -252,7 +246,7 @@ class IsoBuilder:
                                "choose a %s outside the source" % (name, path, root, name))
 
     def _check_family(self, tree):
-        release = parse_os_release(read_in_tree(tree, "etc/os-release") or b"")
+        release = tree_os_release(tree)
         family = {release.get("ID", "")} | set(release.get("ID_LIKE", "").split())
         if not family & {"debian", "ubuntu"}:
             raise IsoError(
@@ -616,7 +610,7 @@ class IsoBuilder:
                 return False
             wanted = mode if index == len(parts) else 0o755
             if info is not None:
-                what = ("symlink %s (to %s)" % (prefix, _link_target(tree, prefix)) if stat.S_ISLNK(info.st_mode)
+                what = ("symlink %s (to %s)" % (prefix, tree.readlink(prefix)) if stat.S_ISLNK(info.st_mode)
                         else "file %s" % prefix)
                 tree.remove(prefix)
                 self.operations.append("replaced the %s in the image by an empty directory; what it pointed "
@@ -647,7 +641,7 @@ class IsoBuilder:
             for home in homes:
                 # A home that is a link (kept with keep_home) is resolved as the image
                 # sees it, never out of the image; its histories go in any case.
-                inside = resolve_in_tree(tree, home)
+                inside = tree.resolve(home)
                 if inside is None or not tree.is_dir(inside):
                     continue
                 for name in HISTORY_NAMES:
@@ -1065,45 +1059,6 @@ def initramfs_boots_live(entries):
 
 # --- reading a tree as its own system does, never out of it -------------------
 
-def _link_target(tree, relative):
-    with tree.parent(relative) as (dir_fd, name):
-        return os.readlink(name, dir_fd=dir_fd)
-
-
-def resolve_in_tree(tree, relative, max_links=40):
-    """relative with every symlink on it resolved as the tree's own system
-    would (an absolute target starts again at the tree's root, '..' stops at
-    it): a path beneath the root free of links, or None when it leads to
-    nothing inside the tree (or loops). It never leaves the tree."""
-    pending = [part for part in relative.split("/") if part not in ("", ".")]
-    resolved = []
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = "/".join(resolved + [part])
-        try:
-            info = tree.lstat(candidate)
-        except BeneathError:  # a file on the way
-            return None
-        if info is None:
-            return None
-        if stat.S_ISLNK(info.st_mode):
-            links += 1
-            if links > max_links:
-                return None
-            target = _link_target(tree, candidate)
-            if target.startswith("/"):
-                resolved = []
-            pending = [p for p in target.split("/") if p not in ("", ".")] + pending
-            continue
-        resolved.append(part)
-    return "/".join(resolved)
-
-
 def _file_in_tree(tree, relative, where):
     """The link-free path of the regular file at relative (a link there is
     followed only while it stays inside the tree); IsoError when it leads out."""
@@ -1113,36 +1068,27 @@ def _file_in_tree(tree, relative, where):
     if stat.S_ISREG(info.st_mode):
         return relative
     if stat.S_ISLNK(info.st_mode):
-        inside = resolve_in_tree(tree, relative)
+        inside = tree.resolve(relative)
         if inside is not None and tree.is_file(inside):
             return inside
         raise IsoError("%s in %s is a symlink to %s, which is no file inside the tree (a link there is followed "
                        "only inside the tree, as the live system would see it); put the file itself there in "
-                       "the source" % (relative, where, _link_target(tree, relative)))
+                       "the source" % (relative, where, tree.readlink(relative)))
     raise IsoError("%s in %s is not a regular file; put the file itself there in the source" % (relative, where))
 
 
 def read_in_tree(tree, relative):
     """The bytes of the file at relative as the tree's own system reads it
     (etc/os-release -> ../usr/lib/os-release), or None."""
-    inside = resolve_in_tree(tree, relative)
+    inside = tree.resolve(relative)
     return None if inside is None else tree.read_bytes(inside)
-
-
-def parse_os_release(data):
-    values = {}
-    for line in data.decode("utf-8", "replace").splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep:
-            values[key] = value.strip().strip('"').strip("'")
-    return values
 
 
 def kernels(tree, where):
     """(version, kernel, initrd or None) of each kernel in the tree's boot/,
     oldest first, as link-free paths inside the tree. A kernel or initrd that
     is a link leading out of the tree is refused, never copied."""
-    boot = resolve_in_tree(tree, "boot")
+    boot = tree.resolve("boot")
     if boot is None or not tree.is_dir(boot):
         return []
     found = []

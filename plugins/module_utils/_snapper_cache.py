@@ -43,13 +43,20 @@ from ._beneath import BeneathError, Tree, relative_parts
 from ._btrfs import Btrfs, destroy_subvolume, filesystem_type, is_subvolume, same_filesystem
 from ._command import CommandError
 from ._fs import (
-    MOUNTINFO,
     canonical_path,
     check_path_text,
     check_real_path,
     describe_os_error,
     is_within,
     read_mounts,
+)
+from ._roottree import (
+    HOME_EXCLUDES,
+    STANDARD_EXCLUDES,
+    default_base_dir,
+    mount_excludes,
+    source_kernels,
+    source_os_release,
 )
 from ._rsync import RSYNC_VANISHED, copy_argv, itemized_path, parse_output
 from ._text import check_plain_text, check_snapper_name
@@ -70,18 +77,6 @@ PENDING_NAME = ".liveclone-pending"
 # Anchored with \A...\Z: `$` would let a trailing newline through.
 SNAPPER_CONFIG_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
-STANDARD_EXCLUDES = [
-    "/dev/*", "/proc/*", "/sys/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*", "/lost+found",
-    "/swapfile", "/boot/efi/*", "/var/cache/apt/archives/*", "/var/lib/apt/lists/*",
-    "/var/log/*", "/var/tmp/*", "/etc/NetworkManager/system-connections/*", "/snap",
-    "/var/snap", "/var/lib/snapd", "/.snapshots", "/var/lib/snapper",
-    # live_iso's default output, directory and all: an ISO inside the backup would grow
-    # every later backup and ISO, and the directory appears only after a backup.
-    "/var/lib/liveclone",
-]
-HOME_EXCLUDES = ["/home/*", "/root/*"]
-HOME_DIRS = ("/home", "/root")
-
 LEGACY_NAME = re.compile(r"\A@(\d{4}-\d{2}-\d{2})_(\d{2}:\d{2})(?:_(\d+))?\Z")
 # What restore_snapshot may name: latest, a snapper number, a legacy snapshot.
 RESTORE_SNAPSHOT = re.compile(r"latest|[0-9]{1,9}|@\d{4}-\d{2}-\d{2}_\d{2}:\d{2}(?:_\d{1,9})?")
@@ -92,8 +87,6 @@ SNAPPER_QUOTED = re.compile(r'["\\$`]')
 # An --exclude argument rsync reads as a rule, not a pattern: "!" clears every
 # exclusion (the standard ones too), "+ " and "- " prefixes make includes.
 RSYNC_RULE = re.compile(r"!|[+-] .*", re.S)
-# os-release's ID names the default base_dir.
-OS_RELEASE_ID = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 # snapper's userdata is "k=v,k=v": a value holds no comma, equals sign or line break.
 USERDATA_UNSAFE = re.compile("[,=\x00-\x1f\x7f\x85\u2028\u2029]")
 USERDATA_MAX = 200
@@ -105,96 +98,10 @@ FS_APPEND_FL = 0x20
 # Below this, a base_dir is full before the copy starts.
 MIN_FREE_BYTES = 1 << 20
 MIN_FREE_INODES = 16
-MAX_LINKS = 40
 
 
 class CacheError(Exception):
     """A request that cannot be carried out; the message says what to do."""
-
-
-def parse_os_release(text):
-    """os-release's KEY=value lines, as data: quotes taken off, and in double
-    quotes the backslash escapes of " \\ $ ` undone (as os-release(5) writes them)."""
-    values = {}
-    for line in text.split("\n"):
-        key, sep, value = line.strip().partition("=")
-        if not sep:
-            continue
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = re.sub(r'\\(["\\$`])', r"\1", value[1:-1])
-        elif len(value) >= 2 and value[0] == value[-1] == "'":
-            value = value[1:-1]
-        else:
-            value = value.strip('"').strip("'")
-        values[key] = value
-    return values
-
-
-def read_os_release(path):
-    """The KEY=value pairs of the os-release file at path (the host's own)."""
-    # A damaged file must not stop a backup: undecodable bytes become U+FFFD.
-    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
-        return parse_os_release(handle.read(1 << 20))
-    return {}
-
-
-def resolve_beneath(root, relative):
-    """The path relative to root that `relative` names when root is `/`, as
-    the tree's own system would resolve it: its links followed (an absolute
-    one from root), `..` never above root. None if missing or looping.
-    Only for reading a source tree's files (os-release, lib/modules)."""
-    pending = [part for part in relative.split("/") if part not in ("", ".")]
-    done = []
-    links = 0
-    while pending:
-        part = pending.pop(0)
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        try:
-            info = os.lstat(os.path.join(root, *done, part))
-        except OSError:
-            return None
-        if stat.S_ISLNK(info.st_mode):
-            links += 1
-            if links > MAX_LINKS:
-                return None
-            target = os.readlink(os.path.join(root, *done, part))
-            if target.startswith("/"):
-                done = []
-            pending = [name for name in target.split("/") if name not in ("", ".")] + pending
-            continue
-        done.append(part)
-    return "/".join(done)
-
-
-def source_os_release(source):
-    """The os-release of the tree at source, read beneath it."""
-    for relative in ("etc/os-release", "usr/lib/os-release"):
-        resolved = resolve_beneath(source, relative)
-        if resolved:
-            with contextlib.suppress(OSError, BeneathError), Tree(source) as tree:
-                text = tree.read_text(resolved, limit=1 << 20)
-                if text is not None:
-                    return parse_os_release(text)
-    return {}
-
-
-def source_kernels(source):
-    """The kernel versions in the tree's lib/modules (resolved beneath it)."""
-    resolved = resolve_beneath(source, "lib/modules")
-    if resolved is None:
-        return []
-    with contextlib.suppress(OSError, BeneathError), Tree(source) as tree:
-        return tree.listdir(resolved)
-    return []
-
-
-def default_base_dir(os_release="/etc/os-release"):
-    distro = read_os_release(os_release).get("ID") or ""
-    return "/mnt/%s_backup" % (distro if OS_RELEASE_ID.fullmatch(distro) else "linux")
 
 
 def userdata_value(text):
@@ -534,8 +441,7 @@ class CacheReader:
         if kind is None:
             return None
         if kind == "link":
-            with tree.parent(relative) as (dir_fd, name):
-                target = os.readlink(name, dir_fd=dir_fd)
+            target = tree.readlink(relative)
             return ("%s is a symlink (to %s), where base_dir holds %s; a link there is never followed, so "
                     "nothing was changed: remove the link (rm %s) or give the base_dir of the real cache"
                     % (path, target, what, path))
@@ -620,27 +526,6 @@ class CacheReader:
                 description=meta.get("META_DESCRIPTION", ""), userdata=userdata, path=path,
                 read_only=self.btrfs.read_only(path)))
         return found
-
-
-def mount_excludes(source, include_home, mountinfo=MOUNTINFO):
-    """Exclude patterns for the filesystems mounted inside source.
-
-    Nested btrfs subvolumes of source's own filesystem are crossed into (the
-    reference's --one-file-system skipped them); other filesystems are not,
-    except /home and /root when include_home asks for them.
-    """
-    mounts = read_mounts(mountinfo)
-    source = os.path.realpath(source)
-    owner = max((m for m in mounts if is_within(source, m.point)), key=lambda m: len(m.point))
-    excludes = []
-    for mount in mounts:
-        if mount.point == owner.point or not is_within(mount.point, source) or mount.device == owner.device:
-            continue
-        relative = "/" + os.path.relpath(mount.point, source)
-        if include_home and relative in HOME_DIRS:
-            continue
-        excludes.append(relative + "/*")
-    return sorted(set(excludes))
 
 
 def is_excluded(relative, patterns):

@@ -90,11 +90,8 @@ from ansible_collections.liveclone.core.plugins.module_utils._fs import (
     check_path_text,
     describe_os_error,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import (
-    CacheReader,
-    Snapper,
-    default_base_dir,
-)
+from ansible_collections.liveclone.core.plugins.module_utils._roottree import default_base_dir
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import CacheReader, Snapper
 from ansible_collections.liveclone.core.plugins.module_utils._text import check_snapper_name
 
 

@@ -363,3 +363,19 @@ def test_check_path_text(path, accepted):
         assert problem is None
     else:
         assert problem.startswith("dest ") and "control character" in problem and "rename the path" in problem
+
+
+@pytest.mark.parametrize(("relative", "link", "resolved"), [
+    ("etc/os-release", "../usr/lib/os-release", "usr/lib/os-release"),
+    ("etc/os-release", "/usr/lib/os-release", "usr/lib/os-release"),
+    ("etc/os-release", "../../../../usr/lib/os-release", "usr/lib/os-release"),
+    ("etc/os-release", "/nowhere/os-release", None),
+    ("etc/os-release", "os-release", None),  # a loop
+])
+def test_resolve_never_leaves_the_tree(tmp_path, relative, link, resolved):
+    (tmp_path / "usr/lib").mkdir(parents=True)
+    (tmp_path / "usr/lib/os-release").write_text("ID=debian\n")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / relative).symlink_to(link)
+    with Tree(str(tmp_path)) as tree:
+        assert tree.resolve(relative) == resolved

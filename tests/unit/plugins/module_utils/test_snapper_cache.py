@@ -6,42 +6,20 @@ from __future__ import annotations
 import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
+from ansible_collections.liveclone.core.plugins.module_utils._roottree import STANDARD_EXCLUDES
 
 
 @pytest.mark.parametrize("relative, patterns, expected", [
-    ("/mnt/debian_backup", sc.STANDARD_EXCLUDES, True),
-    ("/srv/backup", sc.STANDARD_EXCLUDES, False),
+    ("/mnt/debian_backup", STANDARD_EXCLUDES, True),
+    ("/srv/backup", STANDARD_EXCLUDES, False),
     ("/srv/backup", ["/srv/backup"], True),
     ("/srv/backup/inner", ["/srv/*"], True),
     ("/srv/backup", ["backup"], True),
     ("/srv/backupx", ["/srv/backup"], False),
-    ("/var/tmp/x", sc.STANDARD_EXCLUDES, True),
+    ("/var/tmp/x", STANDARD_EXCLUDES, True),
 ])
 def test_is_excluded(relative, patterns, expected):
     assert sc.is_excluded(relative, patterns) is expected
-
-
-MOUNTINFO = """\
-22 1 254:1 / / rw - ext4 /dev/vda rw
-30 22 0:40 /@ /src rw - btrfs /dev/loop0 rw
-31 30 0:40 /@home /src/home rw - btrfs /dev/loop0 rw
-32 30 0:41 / /src/tmp rw - tmpfs t rw
-33 30 8:17 / /src/boot/efi rw - vfat /dev/sdb1 rw
-34 30 8:18 / /src/root rw - ext4 /dev/sdb2 rw
-35 22 0:42 / /elsewhere rw - tmpfs t rw
-36 30 0:43 / /src/with\\040space rw - tmpfs t rw
-"""
-
-
-@pytest.mark.parametrize("include_home, expected", [
-    (False, ["/boot/efi/*", "/root/*", "/tmp/*", "/with space/*"]),
-    (True, ["/boot/efi/*", "/tmp/*", "/with space/*"]),
-])
-def test_mount_excludes(tmp_path, include_home, expected):
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(MOUNTINFO)
-    # /src/home is the same btrfs filesystem (0:40): a subvolume, so it is copied.
-    assert sc.mount_excludes("/src", include_home, str(mountinfo)) == expected
 
 
 def snapshot(name, date, kind="snapper"):
@@ -119,12 +97,6 @@ def test_wants_snapshot(mode, changes, pending, expected):
     stats = TransferStats(changes=changes)
     assert manager(snapshot=mode)._wants_snapshot("snapper", stats, pending) is expected
     assert manager(snapshot=mode)._wants_snapshot("none", stats, pending) is False
-
-
-def test_default_base_dir(tmp_path):
-    release = tmp_path / "os-release"
-    release.write_text('PRETTY_NAME="Debian GNU/Linux 12"\nID=debian\n')
-    assert sc.default_base_dir(str(release)) == "/mnt/debian_backup"
 
 
 def test_legacy_snapshots_of_one_minute_sort_by_counter():
@@ -254,44 +226,6 @@ def test_snapper_userdata_never_gains_keys():
     userdata = runner.argv[runner.argv.index("--userdata") + 1]
     assert number == 7
     assert [pair.split("=")[0] for pair in userdata.split(",")] == ["distro", "kernel", "size_kb"]
-
-
-def test_parse_os_release_undoes_quoting():
-    text = 'NAME="Evil \\"quoted\\" \\$(id) \\\\ x"\nID=evil\nPRETTY_NAME=\'single $(x)\'\nBROKEN="unterminated\n'
-    values = sc.parse_os_release(text)
-    assert values["NAME"] == 'Evil "quoted" $(id) \\ x'
-    assert (values["ID"], values["PRETTY_NAME"], values["BROKEN"]) == ("evil", "single $(x)", "unterminated")
-
-
-@pytest.mark.parametrize("release, expected", [
-    ("ID=debian\n", "/mnt/debian_backup"), ("ID=../../etc\n", "/mnt/linux_backup"),
-    ('ID="de bian"\n', "/mnt/linux_backup"), ("ID=a\nb\n", "/mnt/a_backup"), ("", "/mnt/linux_backup")])
-def test_default_base_dir_takes_only_a_plain_id(tmp_path, release, expected):
-    path = tmp_path / "os-release"
-    path.write_text(release)
-    assert sc.default_base_dir(str(path)) == expected
-
-
-def test_source_files_are_resolved_beneath_the_source(tmp_path):
-    root = tmp_path / "root"
-    (root / "usr/lib/modules/6.1.0-9").mkdir(parents=True)
-    (root / "etc").mkdir()
-    (root / "usr/lib/os-release").write_text('NAME="Inside"\n')
-    (root / "etc/os-release").symlink_to("../usr/lib/os-release")
-    (root / "lib").symlink_to("/usr/lib")  # absolute: resolved inside the root, as the tree's own system does
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "os-release").write_text('NAME="Outside"\n')
-    assert sc.resolve_beneath(str(root), "etc/os-release") == "usr/lib/os-release"
-    assert sc.resolve_beneath(str(root), "../../../etc/os-release") == "usr/lib/os-release"
-    assert sc.source_os_release(str(root)) == {"NAME": "Inside"}
-    assert sc.source_kernels(str(root)) == ["6.1.0-9"]
-    (root / "etc/os-release").unlink()
-    (root / "etc/os-release").symlink_to("/../../../../%s/os-release" % outside)
-    assert sc.resolve_beneath(str(root), "etc/os-release") is None, "a link climbed out of the source"
-    assert sc.source_os_release(str(root)) == {"NAME": "Inside"}  # usr/lib/os-release, never the outside one
-    (root / "etc/loop").symlink_to("loop")
-    assert sc.resolve_beneath(str(root), "etc/loop") is None
 
 
 class PlainRunner:
