@@ -45,7 +45,7 @@ from ._fs import (
     write_atomically,
 )
 from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes, tree_os_release
-from ._rsync import RSYNC_VANISHED, copy_argv
+from ._rsync import RSYNC_VANISHED, copy_argv, is_excluded
 from ._snapper_cache import SNAPSHOTS_NAME, CacheReader, Snapper
 from ._text import (
     check_boot_param,
@@ -286,19 +286,18 @@ class IsoBuilder:
     def _walk(self, root, excludes):
         """(relative path, mode, size, mtime or 0 for a directory) of each entry, in a
         stable order, minus excludes."""
-        patterns = [pattern.rstrip("/") for pattern in excludes]
         for directory, dirs, files in os.walk(root):
             relative_dir = "/" + os.path.relpath(directory, root).lstrip(".")
             dirs.sort()
             kept = []
             for name in dirs:
                 rel = os.path.join(relative_dir, name)
-                if not _excluded(rel, patterns):
+                if not is_excluded(rel, excludes):
                     kept.append(name)
             dirs[:] = kept
             for name in sorted(files) + kept:
                 rel = os.path.join(relative_dir, name)
-                if _excluded(rel, patterns):
+                if is_excluded(rel, excludes):
                     continue
                 st = os.lstat(os.path.join(directory, name))
                 size = st.st_size if stat.S_ISREG(st.st_mode) else 0
@@ -1195,10 +1194,6 @@ def _unchangeable(path):
     if flags & FS_APPEND_FL:
         return "is append-only (lsattr shows a), so the build cannot replace it; clear it with chattr -a"
     return None
-
-
-def _excluded(relative, patterns):
-    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns)
 
 
 def _write(path, text, mode=0o644):

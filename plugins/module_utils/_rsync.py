@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -96,3 +98,30 @@ def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=Fal
     argv += ["--filter=protect %s" % path for path in protect]
     argv += ["--exclude=%s" % pattern for pattern in excludes]
     return argv + [source.rstrip("/") + "/", dest.rstrip("/") + "/"]
+
+
+@functools.lru_cache(maxsize=16)
+def _exclusion_regexes(patterns):
+    """(anchored, floating) regexes of --exclude patterns, or None for an empty group."""
+    anchored = [fnmatch.translate(p.rstrip("/")) for p in patterns if p.startswith("/")]
+    floating = [fnmatch.translate(p.rstrip("/")) for p in patterns if not p.startswith("/")]
+    return tuple(re.compile("|".join(group)) if group else None for group in (anchored, floating))
+
+
+def is_excluded(relative, patterns):
+    """Whether rsync would leave `relative` (a /-anchored path) out of a copy
+    with these --exclude patterns: one starting with / matches the path or a
+    directory on its way, any other one a component of it."""
+    anchored, floating = _exclusion_regexes(tuple(patterns))
+    parts = relative.strip("/").split("/")
+    for depth in range(1, len(parts) + 1):
+        if anchored and anchored.match("/" + "/".join(parts[:depth])):
+            return True
+        if floating and floating.match(parts[depth - 1]):
+            return True
+    return False
+
+
+def literal_pattern(path):
+    """An rsync pattern that matches path and nothing else."""
+    return re.sub(r"([*?\[])", r"\\\1", path)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import fnmatch
 import json
 import os
 import platform
@@ -58,7 +57,7 @@ from ._roottree import (
     source_kernels,
     source_os_release,
 )
-from ._rsync import RSYNC_VANISHED, copy_argv, itemized_path, parse_output
+from ._rsync import RSYNC_VANISHED, copy_argv, is_excluded, itemized_path, literal_pattern, parse_output
 from ._text import check_plain_text, check_snapper_name
 
 CACHE_NAME = ".rootfs_cache"
@@ -526,25 +525,6 @@ class CacheReader:
                 description=meta.get("META_DESCRIPTION", ""), userdata=userdata, path=path,
                 read_only=self.btrfs.read_only(path)))
         return found
-
-
-def is_excluded(relative, patterns):
-    """Whether rsync would leave `relative` (a /-anchored path) out of the copy."""
-    parts = relative.strip("/").split("/")
-    for depth in range(1, len(parts) + 1):
-        candidate = "/" + "/".join(parts[:depth])
-        for pattern in patterns:
-            if pattern.startswith("/"):
-                if fnmatch.fnmatchcase(candidate, pattern.rstrip("/")):
-                    return True
-            elif fnmatch.fnmatchcase(parts[depth - 1], pattern.rstrip("/")):
-                return True
-    return False
-
-
-def _literal_pattern(path):
-    """An rsync pattern that matches path and nothing else."""
-    return re.sub(r"([*?\[])", r"\\\1", path)
 
 
 class CacheLock:
@@ -1241,7 +1221,7 @@ class CacheManager:
             # directory: an artifact of the cache, never part of the source.
             if dest == "/":
                 # The backup volume stays: the snapshot does not hold it, and --delete would take it.
-                excludes = list(STANDARD_EXCLUDES) + ["/" + _literal_pattern(os.path.relpath(base, "/"))]
+                excludes = list(STANDARD_EXCLUDES) + ["/" + literal_pattern(os.path.relpath(base, "/"))]
             else:
                 excludes = ["/" + SNAPSHOTS_NAME]
             occupied = info is not None and bool(os.listdir(dest))

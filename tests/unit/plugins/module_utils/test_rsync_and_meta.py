@@ -10,7 +10,14 @@ from ansible_collections.liveclone.core.plugins.module_utils._backup_meta import
     human_size,
     parse_meta,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._rsync import copy_argv, itemized_path, parse_output
+from ansible_collections.liveclone.core.plugins.module_utils._roottree import STANDARD_EXCLUDES
+from ansible_collections.liveclone.core.plugins.module_utils._rsync import (
+    copy_argv,
+    is_excluded,
+    itemized_path,
+    literal_pattern,
+    parse_output,
+)
 
 RSYNC_OUTPUT = """\
 *deleting   stale
@@ -114,3 +121,22 @@ def test_parse_meta_ignores_code_and_junk():
 ])
 def test_human_size_like_du(size, text):
     assert human_size(size) == text
+
+
+@pytest.mark.parametrize("relative, patterns, expected", [
+    ("/mnt/debian_backup", STANDARD_EXCLUDES, True),
+    ("/srv/backup", STANDARD_EXCLUDES, False),
+    ("/srv/backup", ["/srv/backup"], True),
+    ("/srv/backup/inner", ["/srv/*"], True),
+    ("/srv/backup", ["backup"], True),
+    ("/srv/backupx", ["/srv/backup"], False),
+    ("/var/tmp/x", STANDARD_EXCLUDES, True),
+])
+def test_is_excluded(relative, patterns, expected):
+    assert is_excluded(relative, patterns) is expected
+
+
+@pytest.mark.parametrize(("path", "pattern"), [
+    ("/srv/a*b", "/srv/a\\*b"), ("/srv/[x]?", "/srv/\\[x]\\?"), ("/srv/plain", "/srv/plain")])
+def test_literal_pattern_escapes_what_rsync_reads_as_wildcards(path, pattern):
+    assert literal_pattern(path) == pattern

@@ -6,20 +6,6 @@ from __future__ import annotations
 import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
-from ansible_collections.liveclone.core.plugins.module_utils._roottree import STANDARD_EXCLUDES
-
-
-@pytest.mark.parametrize("relative, patterns, expected", [
-    ("/mnt/debian_backup", STANDARD_EXCLUDES, True),
-    ("/srv/backup", STANDARD_EXCLUDES, False),
-    ("/srv/backup", ["/srv/backup"], True),
-    ("/srv/backup/inner", ["/srv/*"], True),
-    ("/srv/backup", ["backup"], True),
-    ("/srv/backupx", ["/srv/backup"], False),
-    ("/var/tmp/x", STANDARD_EXCLUDES, True),
-])
-def test_is_excluded(relative, patterns, expected):
-    assert sc.is_excluded(relative, patterns) is expected
 
 
 def snapshot(name, date, kind="snapper"):
