@@ -20,7 +20,6 @@ import math
 import os
 import re
 import stat
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -30,7 +29,17 @@ from ansible.module_utils.common.text.formatters import human_to_bytes
 from ._beneath import BeneathError, Tree
 from ._btrfs import filesystem_type
 from ._command import CommandError
-from ._fs import MOUNTINFO, canonical_path, check_path_text, check_real_path, mount_of, read_mounts
+from ._fs import (
+    MOUNTINFO,
+    canonical_path,
+    check_path_text,
+    check_real_path,
+    flag_names,
+    free_space,
+    inode_flags,
+    mount_of,
+    read_mounts,
+)
 from ._text import check_label
 
 MIB = 1024 * 1024
@@ -361,24 +370,7 @@ def has_capability(number, status_path="/proc/self/status"):
     return False
 
 
-# chattr attributes (linux/fs.h) that stop a file or directory from being changed.
-FS_IOC_GETFLAGS = 0x80086601
-FS_IMMUTABLE_FL = 0x10
-FS_APPEND_FL = 0x20
 DELETED_SUFFIX = " (deleted)"
-
-
-def file_attributes(fd):
-    """{"immutable", "append-only"} as set on the open file fd; none where the
-    filesystem has no such attributes (FAT, tmpfs)."""
-    buffer = bytearray(8)
-    try:
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buffer, True)
-    except OSError:
-        return frozenset()
-    flags = struct.unpack("i", bytes(buffer[:4]))[0]
-    return frozenset(name for bit, name in ((FS_IMMUTABLE_FL, "immutable"), (FS_APPEND_FL, "append-only"))
-                     if flags & bit)
 
 
 def back_file_name(back_file):
@@ -425,11 +417,11 @@ class BackstoreReader:
         name = os.path.basename(path)
         current.can_resize_ext_online = has_capability(CAP_SYS_RESOURCE)
         current.dir_fstype = filesystem_type(self.runner, tree.root)
-        vfs = os.fstatvfs(tree.fd)
-        current.dir_free = vfs.f_bavail * vfs.f_frsize
-        current.dir_free_inodes = vfs.f_favail if vfs.f_files else None
-        current.dir_read_only = bool(vfs.f_flag & os.ST_RDONLY)
-        current.dir_attributes = file_attributes(tree.fd)
+        space = free_space(tree.fd)
+        current.dir_free = space.free_bytes
+        current.dir_free_inodes = space.free_inodes
+        current.dir_read_only = space.read_only
+        current.dir_attributes = flag_names(inode_flags(tree.fd))
         current.stale_temp_files = self._stale_temp_files(tree, name)
         info = tree.lstat(name)
         if info is None:
@@ -446,7 +438,7 @@ class BackstoreReader:
         current.file_size = info.st_size
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=tree.fd)
         try:
-            current.attributes = file_attributes(fd)
+            current.attributes = flag_names(inode_flags(fd))
         finally:
             os.close(fd)
         current.loop_devices = self.loop_devices(path, info)

@@ -2,16 +2,18 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # Private to the liveclone.core collection: not a public API.
 
-"""Filesystem helpers shared by the modules: mounts, paths, atomic writes."""
+"""Filesystem helpers shared by the modules: mounts, paths, inode flags,
+free space, atomic writes."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import stat
-import tempfile
+import struct
 from dataclasses import dataclass
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -134,15 +136,49 @@ def is_within(path, parent):
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def write_atomically(module, path, text, mode=0o644):
-    """Write text to a temporary file beside path, then move it over path."""
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(temp, mode)
-    module.atomic_move(temp, path)
+def write_at(dir_fd, name, text, mode=0o644, sync=False):
+    """Put text at name in dir_fd as a new regular file, atomically: a
+    temporary file beside it (never through a link), then rename over it;
+    with sync, the file and then the directory are flushed to disk."""
+    temp = ".%s.%s" % (name, os.urandom(4).hex())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            if sync:
+                os.fsync(handle.fileno())
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+    if sync:
+        os.fsync(dir_fd)
+
+
+def read_at(dir_fd, name, limit=-1):
+    """The text of the regular file name in dir_fd; None if it is missing,
+    not a regular file, or a symlink (which is never followed)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        return handle.read(limit).decode("utf-8", "replace")
+
+
+def write_atomically(path, text, mode=0o644):
+    """Write text to a temporary file beside path, fsync it, rename it over
+    path and fsync the directory: path holds the old text or the new, never part."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_at(fd, os.path.basename(path), text, mode, sync=True)
+    finally:
+        os.close(fd)
 
 
 def create_file(path, text="", mode=0o644):
@@ -167,3 +203,59 @@ def read_file(path, limit=None):
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             return None
         return handle.read(limit if limit is not None else -1).decode("utf-8", "replace")
+
+
+# FS_IOC_GETFLAGS and the lsattr flags (linux/fs.h) that make a file refuse changes.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+UNCHANGEABLE_FLAGS = FS_IMMUTABLE_FL | FS_APPEND_FL
+
+
+def inode_flags(fd):
+    """The inode flags (lsattr) of an open file; 0 where the filesystem has none (FAT, tmpfs)."""
+    try:
+        return struct.unpack("i4x", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8)))[0]
+    except OSError:
+        return 0
+
+
+def flags_at(dir_fd, name):
+    """The inode flags of the regular file or directory name in dir_fd (a
+    path when dir_fd is None); 0 for links, devices and what is missing."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        return 0
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return 0
+    try:
+        return inode_flags(fd)
+    finally:
+        os.close(fd)
+
+
+def flag_names(flags):
+    """{"immutable", "append-only"}: those of the unchangeable flags that are set."""
+    return frozenset(name for bit, name in ((FS_IMMUTABLE_FL, "immutable"), (FS_APPEND_FL, "append-only"))
+                     if flags & bit)
+
+
+@dataclass(frozen=True)
+class Space:
+    """What a filesystem has left, as statvfs tells it."""
+
+    free_bytes: int
+    free_inodes: int | None  # None where the filesystem counts no inodes (btrfs, FAT)
+    read_only: bool
+
+
+def free_space(path):
+    """The Space of the filesystem that holds path (or an open descriptor)."""
+    vfs = os.statvfs(path)
+    return Space(vfs.f_bavail * vfs.f_frsize, vfs.f_favail if vfs.f_files else None,
+                 bool(vfs.f_flag & os.ST_RDONLY))

@@ -15,7 +15,6 @@ from the source, so the same input gives the same bytes.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import datetime
@@ -35,9 +34,13 @@ from ._beneath import Tree, relative_parts
 from ._btrfs import Btrfs, filesystem_type, filesystem_uuid, is_subvolume
 from ._command import CommandError
 from ._fs import (
+    FS_APPEND_FL,
+    FS_IMMUTABLE_FL,
     canonical_path,
     check_path_text,
     check_real_path,
+    flags_at,
+    free_space,
     is_within,
     read_file,
     read_mounts,
@@ -73,10 +76,6 @@ PATH_PARAMS = ("dest", "cache_dir", "source_path", "work_dir")
 ASSUMED_RATIO = 4
 # Inodes the build needs beside the copy: the ISO, its checksums, the manifest, temporary names.
 SPARE_INODES = 64
-# FS_IOC_GETFLAGS and the lsattr flags that make a file refuse changes.
-FS_IOC_GETFLAGS = 0x80086601
-FS_IMMUTABLE_FL = 0x10
-FS_APPEND_FL = 0x20
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # The parameters' defaults, as the module's argument spec has them (for check_params on a partial dict).
 DEFAULTS = dict(
@@ -153,8 +152,7 @@ class Source:
 
 
 class IsoBuilder:
-    def __init__(self, module, runner, params):
-        self.module = module
+    def __init__(self, runner, params):
         self.runner = runner
         self.btrfs = Btrfs(runner)
         self.params = params
@@ -417,8 +415,8 @@ class IsoBuilder:
             known[1] += needed
             known[2] += inodes
         for directory, needed, inodes in needs.values():
-            info = os.statvfs(directory)
-            free = info.f_bavail * info.f_frsize
+            space = free_space(directory)
+            free = space.free_bytes
             if free < needed:
                 raise IsoError(
                     "not enough free space for the ISO in %s: about %d MiB needed at least (%s%s MiB for the ISO, a "
@@ -427,10 +425,10 @@ class IsoBuilder:
                         directory, needed // MIB, "%d MiB for the copy, " % (copy // MIB)
                         if directory == parent and copy else "", iso // MIB, size // MIB, ISO_OVERHEAD // MIB,
                         free // MIB))
-            if info.f_files and info.f_favail < inodes + SPARE_INODES:
+            if space.free_inodes is not None and space.free_inodes < inodes + SPARE_INODES:
                 raise IsoError("the filesystem of %s is out of inodes (%d free, about %d needed for the copy); "
                                "free some (df -i) or choose a work_dir elsewhere. Nothing was changed." % (
-                                   directory, info.f_favail, inodes + SPARE_INODES))
+                                   directory, space.free_inodes, inodes + SPARE_INODES))
 
     def _source_size(self, source):
         if source.size is None:
@@ -542,7 +540,7 @@ class IsoBuilder:
                             "options_digest": digest, "sha256": checksum, "source": source.view(),
                             "size": os.path.getsize(self.dest), "iso_mtime_ns": os.stat(self.dest).st_mtime_ns,
                             "squashfs": squash}
-                write_atomically(self.module, self.manifest_path(), json.dumps(manifest, indent=2) + "\n")
+                write_atomically(self.manifest_path(), json.dumps(manifest, indent=2) + "\n")
             self.operations.append("built %s from %s %s" % (self.dest, source.kind, source.snapshot or source.root))
             return manifest
         finally:
@@ -852,8 +850,7 @@ class IsoBuilder:
 
     def _refuse_if_full(self, needed=None, detail=""):
         directory = os.path.dirname(self.dest)
-        info = os.statvfs(directory)
-        free = info.f_bavail * info.f_frsize
+        free = free_space(directory).free_bytes
         if needed is not None and free >= needed:
             return
         raise IsoError("not enough free space for the ISO in %s: %s%d MiB free; free space there or choose a "
@@ -910,16 +907,16 @@ class IsoBuilder:
         for algorithm in ("sha256", "md5"):
             path = "%s.%s" % (self.dest, algorithm)
             if algorithm in self.params["checksums"]:
-                write_atomically(self.module, path, "%s  %s\n" % (wanted[algorithm], name))
+                write_atomically(path, "%s  %s\n" % (wanted[algorithm], name))
             elif os.path.exists(path):
                 os.unlink(path)
 
 
-def run(module, runner, params, check_mode):
+def run(runner, params, check_mode):
     params = canonical_params(params)
     # Every value is checked before anything is read or written, in check mode too.
     check_params(params)
-    builder = IsoBuilder(module, runner, params)
+    builder = IsoBuilder(runner, params)
     fd = os.open(os.path.dirname(builder.dest), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -1154,27 +1151,11 @@ def _append_db(tree, name, fields):
 
 # --- the destination ---------------------------------------------------------
 
-def _attributes(path):
-    """The file's lsattr flags (FS_IOC_GETFLAGS), or 0 where the filesystem has none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return 0
-    try:
-        flags = array.array("i", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags, True)
-        return flags[0]
-    except OSError:
-        return 0
-    finally:
-        os.close(fd)
-
-
 def _unwritable(directory):
     """None, or why the build cannot create files in directory."""
-    if os.statvfs(directory).f_flag & os.ST_RDONLY:
+    if free_space(directory).read_only:
         return "is on a read-only filesystem; remount it read-write or choose a path on another one"
-    flags = _attributes(directory)
+    flags = flags_at(None, directory)
     if flags & FS_IMMUTABLE_FL:
         return "is immutable (lsattr shows i); clear it with chattr -i, or choose another directory"
     if flags & FS_APPEND_FL:
@@ -1188,7 +1169,7 @@ def _unchangeable(path):
     """None, or why the build could not replace the existing file at path."""
     if not os.path.lexists(path) or os.path.islink(path):
         return None
-    flags = _attributes(path)
+    flags = flags_at(None, path)
     if flags & FS_IMMUTABLE_FL:
         return "is immutable (lsattr shows i), so the build cannot replace it; clear it with chattr -i"
     if flags & FS_APPEND_FL:

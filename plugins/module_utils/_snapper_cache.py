@@ -33,7 +33,6 @@ import platform
 import re
 import socket
 import stat
-import struct
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -42,12 +41,18 @@ from ._beneath import BeneathError, Tree, relative_parts
 from ._btrfs import Btrfs, destroy_subvolume, filesystem_type, is_subvolume, same_filesystem
 from ._command import CommandError
 from ._fs import (
+    UNCHANGEABLE_FLAGS,
     canonical_path,
     check_path_text,
     check_real_path,
     describe_os_error,
+    flags_at,
+    free_space,
+    inode_flags,
     is_within,
+    read_at,
     read_mounts,
+    write_at,
 )
 from ._roottree import (
     HOME_EXCLUDES,
@@ -90,10 +95,6 @@ RSYNC_RULE = re.compile(r"!|[+-] .*", re.S)
 USERDATA_UNSAFE = re.compile("[,=\x00-\x1f\x7f\x85\u2028\u2029]")
 USERDATA_MAX = 200
 
-# Linux ioctls: inode flags.
-FS_IOC_GETFLAGS = 0x80086601
-FS_IMMUTABLE_FL = 0x10
-FS_APPEND_FL = 0x20
 # Below this, a base_dir is full before the copy starts.
 MIN_FREE_BYTES = 1 << 20
 MIN_FREE_INODES = 16
@@ -111,64 +112,6 @@ def userdata_value(text):
 
 
 # --- descriptors: flags, filesystems, subvolumes ----------------------------
-
-
-def _inode_flags(fd):
-    """The inode flags (chattr) of an open file; 0 where the filesystem has none."""
-    try:
-        return struct.unpack("i4x", fcntl.ioctl(fd, FS_IOC_GETFLAGS, bytes(8)))[0]
-    except OSError:
-        return 0
-
-
-def flags_at(dir_fd, name):
-    """The inode flags of the regular file or directory name in dir_fd (0 for links, devices and missing)."""
-    try:
-        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return 0
-    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
-        return 0
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return 0
-    try:
-        return _inode_flags(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_at(dir_fd, name, text, mode=0o644, sync=False):
-    """Put text at name in dir_fd as a new regular file, atomically: a
-    temporary file beside it (never through a link), then rename over it."""
-    temp = ".%s.%s" % (name, os.urandom(4).hex())
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            if sync:
-                os.fsync(handle.fileno())
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=dir_fd)
-        raise
-    if sync:
-        os.fsync(dir_fd)
-
-
-def _read_at(dir_fd, name, limit):
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            return None
-        return handle.read(limit).decode("utf-8", "replace")
 
 
 @dataclass
@@ -552,7 +495,7 @@ class CacheLock:
                 return self
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = (_read_at(self.fd, HOLDER_NAME, 200) or "holder unknown").strip()
+                    holder = (read_at(self.fd, HOLDER_NAME, 200) or "holder unknown").strip()
                     os.close(self.fd)
                     raise CacheError(
                         "%s is locked by another run (%s); waited %d s. Try again when it has "
@@ -560,7 +503,7 @@ class CacheLock:
                 time.sleep(0.2)
 
     def claim(self):
-        _write_at(self.fd, HOLDER_NAME, "pid %d on %s since %s\n" % (
+        write_at(self.fd, HOLDER_NAME, "pid %d on %s since %s\n" % (
             os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")))
         self.claimed = True
 
@@ -615,8 +558,7 @@ def check_cache_params(params, base_dir):
 class CacheManager:
     """Backs up into, removes and restores from one cache."""
 
-    def __init__(self, module, runner, params):
-        self.module = module
+    def __init__(self, runner, params):
         self.runner = runner
         self.params = params
         # Canonical before any rule: `//` is `/`, trailing slashes and `/./` go.
@@ -678,22 +620,22 @@ class CacheManager:
         existing parent) is writable and, with room, has space and inodes left."""
         while not os.path.lexists(path):
             path = os.path.dirname(path)
-        vfs = os.statvfs(path)
-        if vfs.f_flag & os.ST_RDONLY:
+        space = free_space(path)
+        if space.read_only:
             raise CacheError("%s %s is on a read-only filesystem; remount it read-write (mount -o remount,rw) "
                              "or choose another %s. Nothing was changed." % (what, path, what))
         if not room:
             return
-        if vfs.f_bavail * vfs.f_frsize < MIN_FREE_BYTES:
+        if space.free_bytes < MIN_FREE_BYTES:
             raise CacheError(
                 "%s %s is full (%d KiB free; No space left on device); free space on it (lower keep, or delete "
                 "old snapshots) or grow the volume, then run again. Nothing was changed."
-                % (what, path, vfs.f_bavail * vfs.f_frsize // 1024))
-        if vfs.f_files and vfs.f_favail < MIN_FREE_INODES:
+                % (what, path, space.free_bytes // 1024))
+        if space.free_inodes is not None and space.free_inodes < MIN_FREE_INODES:
             raise CacheError(
                 "%s %s has no free inodes left (%d; see df -i): free space on it by deleting files, or make "
                 "its filesystem with more inodes, then run again. Nothing was changed."
-                % (what, path, vfs.f_favail))
+                % (what, path, space.free_inodes))
 
     def _check_flags(self, relatives):
         """Refuse when one of the entries of base_dir a run would change is immutable or append-only."""
@@ -701,13 +643,13 @@ class CacheManager:
             parts = relative_parts(relative)
             try:
                 if not parts:
-                    flags = _inode_flags(self.tree.fd)
+                    flags = inode_flags(self.tree.fd)
                 else:
                     with self.tree.parent(relative) as (dir_fd, name):
                         flags = flags_at(dir_fd, name)
             except (FileNotFoundError, BeneathError):
                 continue
-            if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+            if flags & UNCHANGEABLE_FLAGS:
                 path = self.tree.path(relative)
                 raise CacheError("%s is immutable or append-only (lsattr %s), so the run cannot change it; clear "
                                  "that with chattr -i -a %s if the change is wanted, then run again. Nothing was "
@@ -731,13 +673,13 @@ class CacheManager:
                     seen.add(candidate)
                     try:
                         if candidate in ("", "."):
-                            flags = _inode_flags(tree.fd)
+                            flags = inode_flags(tree.fd)
                         else:
                             with tree.parent(candidate) as (dir_fd, name):
                                 flags = flags_at(dir_fd, name)
                     except (OSError, BeneathError):
                         continue
-                    if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+                    if flags & UNCHANGEABLE_FLAGS:
                         found.append(tree.path(candidate))
                 if len(found) >= 5:
                     break
@@ -932,7 +874,7 @@ class CacheManager:
         meta = {"META_DATE": stamp.replace("_", " "), "META_DESCRIPTION": SNAPSHOT_DESCRIPTION}
         meta.update({"META_" + key.upper(): userdata_value(value) for key, value in userdata.items()})
         with self.tree.directory(snapshots) as fd:
-            _write_at(fd, name + ".meta", format_meta(meta), sync=True)
+            write_at(fd, name + ".meta", format_meta(meta), sync=True)
         return None, name
 
     def _delete_snapshot(self, cache, snapshot):
@@ -988,7 +930,7 @@ class CacheManager:
             self._remove_stale_files()
             self._remove_incomplete(cache)
             self._apply_layout(layout, cache, versioning)
-            _write_at(self.tree.fd, PENDING_NAME, "")
+            write_at(self.tree.fd, PENDING_NAME, "")
             # rsync --delete runs into .rootfs_cache: it is checked right before.
             self._verify_dir(CACHE_NAME, subvolume=versioning != "none")
             stats = self._rsync(source, cache.cache_dir, excludes, False, protect, True)
@@ -1005,7 +947,7 @@ class CacheManager:
                         "META_SIZE": human_size(stats.total_size), "META_KERNEL": userdata["kernel"]}
                 if created:
                     meta["META_SNAPSHOT"] = created
-                _write_at(self.tree.fd, META_NAME, format_meta(meta), sync=True)
+                write_at(self.tree.fd, META_NAME, format_meta(meta), sync=True)
                 self.operations.append("wrote %s" % cache.meta_path)
             self.tree.remove(PENDING_NAME)
             # Read the cache again only when this run changed it: an unchanged run is common and each
@@ -1212,7 +1154,7 @@ class CacheManager:
             self._check_writable(dest, "restore_dest", room=True)
             if info is not None:
                 with Tree(dest) as target:
-                    if _inode_flags(target.fd) & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+                    if inode_flags(target.fd) & UNCHANGEABLE_FLAGS:
                         raise CacheError("restore_dest %s is immutable or append-only (lsattr -d %s); clear that "
                                          "with chattr -i -a if the restore is wanted. Nothing was changed."
                                          % (dest, dest))

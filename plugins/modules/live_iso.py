@@ -293,7 +293,7 @@ def main():
         supports_check_mode=True,
     )
     try:
-        result, warnings = run(module, CommandRunner(module), module.params, module.check_mode)
+        result, warnings = run(CommandRunner(module), module.params, module.check_mode)
     except (IsoError, CommandError, BeneathError) as error:
         module.fail_json(msg=str(error))
     except OSError as error:

@@ -344,7 +344,7 @@ def main():
         required_if=[("state", "restored", ["restore_dest"])],
         supports_check_mode=True,
     )
-    manager = CacheManager(module, CommandRunner(module), module.params)
+    manager = CacheManager(CommandRunner(module), module.params)
     action = {"present": manager.backup, "absent": manager.remove, "restored": manager.restore}
     try:
         result = action[module.params["state"]](module.check_mode)

@@ -69,3 +69,47 @@ def test_live_iso_dest_that_is_a_directory(tmp_path):
     (".hidden", False), ("", False)])
 def test_snapper_config_names(name, usable):
     assert bool(sc.SNAPPER_CONFIG_NAME.match(name)) == usable
+
+
+def test_write_atomically_replaces_a_link_and_sets_the_mode(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("keep\n")
+    (tmp_path / "live.iso.sha256").symlink_to(target)
+    _fs.write_atomically(str(tmp_path / "live.iso.sha256"), "abc  live.iso\n", 0o600)
+    assert target.read_text() == "keep\n"
+    written = tmp_path / "live.iso.sha256"
+    assert not written.is_symlink() and written.read_text() == "abc  live.iso\n"
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["live.iso.sha256", "target"], "no temporary file is left"
+
+
+def test_read_at_never_follows_a_link(tmp_path):
+    (tmp_path / "real").write_text("text")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert _fs.read_at(fd, "real", 2) == "te"
+        assert _fs.read_at(fd, "link") is None
+        assert _fs.read_at(fd, "missing") is None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(("flags", "names"), [
+    (0, frozenset()), (_fs.FS_IMMUTABLE_FL, {"immutable"}), (_fs.FS_APPEND_FL | 0x80000, {"append-only"}),
+    (_fs.UNCHANGEABLE_FLAGS, {"immutable", "append-only"})])
+def test_flag_names(flags, names):
+    assert _fs.flag_names(flags) == names
+
+
+def test_flags_at_is_zero_for_links_and_missing(tmp_path):
+    (tmp_path / "link").symlink_to("/etc/hostname")
+    assert _fs.flags_at(None, str(tmp_path / "link")) == 0
+    assert _fs.flags_at(None, str(tmp_path / "missing")) == 0
+    assert _fs.flags_at(None, str(tmp_path)) & _fs.UNCHANGEABLE_FLAGS == 0
+
+
+def test_free_space(tmp_path):
+    space = _fs.free_space(str(tmp_path))
+    assert space.free_bytes > 0 and not space.read_only
+    assert space.free_inodes is None or space.free_inodes >= 0

@@ -33,7 +33,7 @@ class Recorder:
 
 
 def test_grub_config_serial_and_entries():
-    config = li.IsoBuilder(None, None, params(boot_params=["ipv6.disable=1"])).grub_config()
+    config = li.IsoBuilder(None, params(boot_params=["ipv6.disable=1"])).grub_config()
     assert config.splitlines()[:3] == ["serial --unit=0 --speed=115200", "terminal_input console serial",
                                        "terminal_output console serial"]
     titles = [line for line in config.splitlines() if line.startswith("menuentry")]
@@ -47,7 +47,7 @@ def test_grub_config_serial_and_entries():
 
 
 def test_no_persistence_entry_when_not_asked():
-    config = li.IsoBuilder(None, None, params(persistence=False)).grub_config()
+    config = li.IsoBuilder(None, params(persistence=False)).grub_config()
     assert " persistence " not in config
 
 
@@ -55,7 +55,7 @@ def test_squashfs_options_come_before_the_excludes(tmp_path):
     output = tmp_path / "fs.squashfs"
     output.write_bytes(b"x" * 100)
     runner = Recorder("Filesystem size 1.00 Kbytes\n\t25.00% of uncompressed filesystem size (400.00 Kbytes)\n")
-    builder = li.IsoBuilder(None, runner, params(compression_level=19, exclude=["/var/cache/*", "srv/big"]))
+    builder = li.IsoBuilder(runner, params(compression_level=19, exclude=["/var/cache/*", "srv/big"]))
     result = builder._squashfs("/root", str(output), 1700000000)
     assert runner.calls[0] == ["env", "SOURCE_DATE_EPOCH=1700000000", "mksquashfs", "/root", str(output), "-noappend",
                                "-no-progress", "-comp", "zstd", "-b", "1048576", "-Xcompression-level", "19",
@@ -81,7 +81,7 @@ def make_tree(root):
 def test_clean_and_configure(tmp_path):
     make_tree(tmp_path)
     runner = Recorder("$6$salted$hash\n")
-    builder = li.IsoBuilder(None, runner, params(keep_users=["bob"], live_password="pw", hostname="rescue"))
+    builder = li.IsoBuilder(runner, params(keep_users=["bob"], live_password="pw", hostname="rescue"))
     builder._clean(str(tmp_path), 1700000000)
     builder._configure(str(tmp_path), 1700000000)
     assert (tmp_path / "etc/machine-id").read_text() == ""
@@ -109,7 +109,7 @@ def test_clean_and_configure(tmp_path):
 def test_family_check(tmp_path, release, supported):
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/os-release").write_text(release)
-    builder = li.IsoBuilder(None, None, params())
+    builder = li.IsoBuilder(None, params())
     with li.Tree(str(tmp_path)) as tree:
         if supported:
             builder._check_family(tree)
@@ -135,7 +135,7 @@ def test_a_directory_time_alone_does_not_change_a_tree_fingerprint(tmp_path):
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "hostname").write_text("lab\n")
     (tmp_path / "tmp").mkdir()
-    builder = li.IsoBuilder(None, None, params())
+    builder = li.IsoBuilder(None, params())
     first = list(builder._walk(str(tmp_path), ["/tmp/*"]))
     (tmp_path / "tmp" / "scratch").write_text("x")
     os.utime(tmp_path / "tmp", (1, 1))
@@ -148,7 +148,7 @@ def test_a_directory_time_alone_does_not_change_a_tree_fingerprint(tmp_path):
 def _built_iso(tmp_path):
     iso = tmp_path / "live.iso"
     iso.write_bytes(b"iso" * 1000)
-    builder = li.IsoBuilder(None, None, params(dest=str(iso)))
+    builder = li.IsoBuilder(None, params(dest=str(iso)))
     source = li.Source("cache", "/mnt/b/.rootfs_cache/.snapshots/1/snapshot", "1")
     source.identity = "btrfs:uuid"
     manifest = {"version": li.MANIFEST_VERSION, "source_identity": "btrfs:uuid", "options_digest": "d",
@@ -296,7 +296,7 @@ def test_clean_and_configure_replace_a_planted_link(tmp_path, victim, relative, 
     (image / "etc/skel").mkdir()
     (image / "etc/skel/.profile").write_text("# skel\n")
     plant(image, relative, victim / target)
-    builder = li.IsoBuilder(None, Recorder("$6$salted$hash\n"), params(keep_home=keep_home))
+    builder = li.IsoBuilder(Recorder("$6$salted$hash\n"), params(keep_home=keep_home))
     builder._clean(str(image), 1700000000)
     builder._configure(str(image), 1700000000)
     assert not (image / "home").is_symlink() and (image / "home/live").is_dir()
@@ -316,7 +316,7 @@ def test_a_link_on_the_way_to_a_database_is_refused_not_followed(tmp_path, victi
     image.mkdir()
     make_tree(image)
     plant(image, "etc/passwd", victim / "hostname")
-    builder = li.IsoBuilder(None, Recorder(), params())
+    builder = li.IsoBuilder(Recorder(), params())
     with pytest.raises(li.IsoError, match="etc/passwd in the image is a symlink to .*put the file itself there"):
         builder._clean(str(image), 1700000000)
 
@@ -326,7 +326,7 @@ def test_a_database_link_inside_the_tree_is_read_there_and_replaced(tmp_path):
     (tmp_path / "etc/real-group").write_text((tmp_path / "etc/group").read_text())
     (tmp_path / "etc/group").unlink()
     (tmp_path / "etc/group").symlink_to("/etc/real-group")  # absolute: resolved inside the tree
-    builder = li.IsoBuilder(None, Recorder(), params(live_user=""))
+    builder = li.IsoBuilder(Recorder(), params(live_user=""))
     builder._clean(str(tmp_path), 1700000000)
     assert not (tmp_path / "etc/group").is_symlink()
     assert "alice" not in (tmp_path / "etc/group").read_text()

@@ -20,7 +20,7 @@ def manager(**params):
                   include_home=False, snapshot="on_change", checksum=False, restore_snapshot="latest",
                   restore_dest=None, allow_restore_to_root=False, lock_timeout=1)
     values.update(params)
-    return sc.CacheManager(None, None, values)
+    return sc.CacheManager(None, values)
 
 
 SNAPSHOTS = [
