@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
@@ -40,6 +39,7 @@ from ._fs import (
     mount_of,
     read_mounts,
 )
+from ._lock import DEFAULT_TIMEOUT, Lock
 from ._text import check_label
 
 MIB = 1024 * 1024
@@ -68,6 +68,8 @@ FAT_MAX_FILE_SIZE = 4 * 1024 ** 3 - 1
 TEMP_INFIX = ".liveclone-tmp-"
 MOUNT_PREFIX = "liveclone-backstore-"
 
+DIRECTORY_BUSY = ("%(path)s is locked by another run of backstore on an image there; waited %(timeout)d s. "
+                  "Try again when it has finished")
 # Operations that clean up after an interrupted earlier run.
 LEFTOVER_ACTIONS = ("unmount_stale", "remove_stale")
 
@@ -396,8 +398,7 @@ def image_directory(directory):
     if tree is None:
         yield None
         return
-    with tree:
-        fcntl.flock(tree.fd, fcntl.LOCK_EX)
+    with tree, Lock(directory, DEFAULT_TIMEOUT, DIRECTORY_BUSY, fd=tree.fd):
         yield tree
 
 

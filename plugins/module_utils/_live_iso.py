@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
-import fcntl
 import fnmatch
 import glob
 import hashlib
@@ -47,6 +46,7 @@ from ._fs import (
     symlink_on,
     write_atomically,
 )
+from ._lock import DEFAULT_TIMEOUT, Lock
 from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes, tree_os_release
 from ._rsync import RSYNC_VANISHED, copy_argv, is_excluded
 from ._snapper_cache import SNAPSHOTS_NAME, CacheReader, Snapper
@@ -85,6 +85,8 @@ DEFAULTS = dict(
     compression="zstd", compression_level=None, block_size=1048576, exclude=[], keep_home=False,
     keep_users=[], work_dir=None, checksums=["sha256"], force=False)
 MANIFEST_VERSION = 1
+DEST_BUSY = ("%(path)s is locked by another build of an ISO there; waited %(timeout)d s. Try again when it has "
+             "finished")
 CLONE_NEWNS = 0x00020000
 
 LIVE_GROUPS = ("sudo", "audio", "video", "cdrom", "plugdev", "netdev")
@@ -917,9 +919,8 @@ def run(runner, params, check_mode):
     # Every value is checked before anything is read or written, in check mode too.
     check_params(params)
     builder = IsoBuilder(runner, params)
-    fd = os.open(os.path.dirname(builder.dest), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    # One build at a time per directory of ISOs.
+    with Lock(os.path.dirname(builder.dest), DEFAULT_TIMEOUT, DEST_BUSY):
         source = builder.resolve_source()
         digest = builder.options_digest()
         manifest = builder.up_to_date(source, digest)
@@ -932,8 +933,6 @@ def run(runner, params, check_mode):
         elif changed:
             enter_private_mount_namespace(runner)
             manifest = builder.build(source, digest)
-    finally:
-        os.close(fd)
     result = {"changed": changed, "path": builder.dest, "label": params["label"], "source": source.view(),
               "operations": builder.operations, "stages": builder.stages}
     if manifest:

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import platform
 import re
-import socket
 import stat
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,10 +48,10 @@ from ._fs import (
     free_space,
     inode_flags,
     is_within,
-    read_at,
     read_mounts,
     write_at,
 )
+from ._lock import Lock
 from ._roottree import (
     HOME_EXCLUDES,
     STANDARD_EXCLUDES,
@@ -76,6 +74,10 @@ HOLDER_NAME = ".liveclone.lock"
 # from the list. Ours serialises them; /run is root's alone, unlike /run/lock.
 SNAPPER_CONFIGS_LOCK = "/run/liveclone-snapper-configs.lock"
 SNAPPER_CONFIGS_LOCK_TIMEOUT = 300
+CONFIGS_BUSY = ("another run has held %(path)s for %(timeout)d s while changing snapper's configs; "
+                "try again when it has finished")
+CACHE_BUSY = ("%(path)s is locked by another run (%(holder)s); waited %(timeout)d s. Try again when it has "
+              "finished, or raise lock_timeout")
 PENDING_NAME = ".liveclone-pending"
 # snapper keeps each config in /etc/snapper/configs/NAME: no path separators.
 # Anchored with \A...\Z: `$` would let a trailing newline through.
@@ -236,25 +238,15 @@ class Snapper:
     @contextlib.contextmanager
     def configs_lock(self):
         """Held while snapper changes its list of configs (see SNAPPER_CONFIGS_LOCK)."""
+        lock = Lock(SNAPPER_CONFIGS_LOCK, SNAPPER_CONFIGS_LOCK_TIMEOUT, CONFIGS_BUSY, create=True)
         try:
-            fd = os.open(SNAPPER_CONFIGS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            lock.acquire()
         except OSError as exc:
             raise CacheError(describe_os_error(exc, "cannot open the lock of snapper's config list")) from None
         try:
-            deadline = time.monotonic() + SNAPPER_CONFIGS_LOCK_TIMEOUT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise CacheError("another run has held %s for %d s while changing snapper's configs; "
-                                         "try again when it has finished"
-                                         % (SNAPPER_CONFIGS_LOCK, SNAPPER_CONFIGS_LOCK_TIMEOUT)) from None
-                    time.sleep(0.2)
             yield
         finally:
-            os.close(fd)
+            lock.release()
 
     def create_config(self, subvolume):
         with self.configs_lock():
@@ -470,49 +462,14 @@ class CacheReader:
         return found
 
 
-class CacheLock:
+def cache_lock(base_dir, timeout):
     """Serialises runs on one base directory (flock on the directory itself).
 
     claim() records who holds it, for the message of a run that times out;
     it is called only once the run has passed its checks, so that a refused
-    run writes nothing. The holder file is written and removed beneath the
-    locked directory's descriptor: a link there is replaced, never followed.
+    run writes nothing.
     """
-
-    def __init__(self, base_dir, timeout):
-        self.base_dir = base_dir
-        self.timeout = timeout
-        self.holder_path = os.path.join(base_dir, HOLDER_NAME)
-        self.claimed = False
-        self.fd = None
-
-    def __enter__(self):
-        self.fd = os.open(self.base_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return self
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = (read_at(self.fd, HOLDER_NAME, 200) or "holder unknown").strip()
-                    os.close(self.fd)
-                    raise CacheError(
-                        "%s is locked by another run (%s); waited %d s. Try again when it has "
-                        "finished, or raise lock_timeout" % (self.base_dir, holder, self.timeout)) from None
-                time.sleep(0.2)
-
-    def claim(self):
-        write_at(self.fd, HOLDER_NAME, "pid %d on %s since %s\n" % (
-            os.getpid(), socket.gethostname(), time.strftime("%Y-%m-%d %H:%M:%S")))
-        self.claimed = True
-
-    def __exit__(self, *exc):
-        if self.claimed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(HOLDER_NAME, dir_fd=self.fd)
-        os.close(self.fd)
-        return False
+    return Lock(base_dir, timeout, CACHE_BUSY, holder_name=HOLDER_NAME)
 
 
 def _diff_view(view):
@@ -894,7 +851,7 @@ class CacheManager:
         self._check_params()
         source = self.source
         self._check_base_path()
-        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock, Tree(self.base_dir) as self.tree:
+        with cache_lock(self.base_dir, self.params["lock_timeout"]) as lock, Tree(self.base_dir) as self.tree:
             cache = self._read()
             self.before = cache.view()
             self._check_writable(self.base_dir, "base_dir", room=True)
@@ -1022,7 +979,7 @@ class CacheManager:
         self._check_base_path(must_exist=False)
         if not os.path.isdir(self.base_dir):
             return self._result(self.reader.read(self.base_dir), None, None, None, [], False)
-        with CacheLock(self.base_dir, self.params["lock_timeout"]), Tree(self.base_dir) as self.tree:
+        with cache_lock(self.base_dir, self.params["lock_timeout"]), Tree(self.base_dir) as self.tree:
             cache = self._read()
             self.before = cache.view()
             plan = [("snapshot", snap) for snap in sorted(cache.snapshots, key=lambda s: s.order)]
@@ -1133,7 +1090,7 @@ class CacheManager:
             raise CacheError("restore_dest %s exists and is %s; move it away or give a directory to restore into"
                              % (dest, "a file" if stat.S_ISREG(info.st_mode) else "not a directory"))
         self._check_base_path()
-        with CacheLock(self.base_dir, self.params["lock_timeout"]) as lock, Tree(self.base_dir) as self.tree:
+        with cache_lock(self.base_dir, self.params["lock_timeout"]) as lock, Tree(self.base_dir) as self.tree:
             cache = self._read()
             self.before = cache.view()
             wanted = self.params["restore_snapshot"] or "latest"

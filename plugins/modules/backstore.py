@@ -250,6 +250,7 @@ from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandRunner,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
+from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
 
 def main():
@@ -269,7 +270,7 @@ def main():
     )
     try:
         result = run(CommandRunner(module), module.params, module.check_mode, module.tmpdir)
-    except (BackstoreError, BeneathError, CommandError) as error:
+    except (BackstoreError, BeneathError, CommandError, LockError) as error:
         module.fail_json(msg=str(error))
     except OSError as error:
         module.fail_json(msg=describe_os_error(error, "backstore:"))

@@ -259,6 +259,7 @@ from ansible_collections.liveclone.core.plugins.module_utils._command import (
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import IsoError, run
+from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
 
 def main():
@@ -294,7 +295,7 @@ def main():
     )
     try:
         result, warnings = run(CommandRunner(module), module.params, module.check_mode)
-    except (IsoError, CommandError, BeneathError) as error:
+    except (IsoError, CommandError, BeneathError, LockError) as error:
         module.fail_json(msg=str(error))
     except OSError as error:
         module.fail_json(msg=describe_os_error(error, "live_iso:"))

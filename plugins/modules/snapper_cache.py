@@ -316,6 +316,7 @@ from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandRunner,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
+from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import (
     CacheError,
     CacheManager,
@@ -348,7 +349,7 @@ def main():
     action = {"present": manager.backup, "absent": manager.remove, "restored": manager.restore}
     try:
         result = action[module.params["state"]](module.check_mode)
-    except (CacheError, CommandError, BeneathError) as error:
+    except (CacheError, CommandError, BeneathError, LockError) as error:
         module.fail_json(msg=str(error), operations=manager.operations)
     except OSError as error:
         module.fail_json(msg=describe_os_error(error), operations=manager.operations)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
+from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
 
 def snapshot(name, date, kind="snapper"):
@@ -319,7 +320,7 @@ def test_config_changes_wait_for_the_lock(tmp_path, monkeypatch):
     fcntl.flock(holder, fcntl.LOCK_EX)
     runner = ConfigListRunner(["cfg"])
     try:
-        with pytest.raises(sc.CacheError, match="another run has held"):
+        with pytest.raises(LockError, match="another run has held"):
             sc.Snapper(runner, "cfg").delete_config()
     finally:
         os.close(holder)
