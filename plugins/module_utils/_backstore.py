@@ -40,6 +40,7 @@ from ._fs import (
     read_mounts,
 )
 from ._lock import DEFAULT_TIMEOUT, Lock
+from ._plan import Operation, Result, execute
 from ._text import check_label
 
 MIB = 1024 * 1024
@@ -347,16 +348,6 @@ class Current:
         the first, in mount order, is the original."""
         live = self.live_mount_points
         return live[0] if live else None
-
-
-@dataclass
-class Operation:
-    action: str
-    text: str
-    args: dict = field(default_factory=dict)
-
-    def __str__(self):
-        return self.text
 
 
 def read_mount_points(source, mountinfo=MOUNTINFO):
@@ -974,34 +965,34 @@ def run(runner, params, check_mode, tmpdir):
     reader = BackstoreReader(runner)
     applier = BackstoreApplier(runner, tmpdir)
     with image_directory(desired.directory) as tree:
-        current = reader.read(desired.path, tree) if tree else Current(path=desired.path, dir_exists=False)
-        operations = plan(desired, current)
-        leftovers = [op for op in operations if op.action in LEFTOVER_ACTIONS]
-        try:
-            if leftovers and not check_mode:
-                # Undoing a leftover mount may detach a loop device: plan the
-                # rest on the state as it is afterwards.
-                applier.apply(desired, current, leftovers, tree)
-                current = reader.read(desired.path, tree)
-                operations = leftovers + plan(desired, current)
-            result = {"changed": bool(operations),
-                      "operations": [str(operation) for operation in operations],
-                      "diff": diff_view(desired, current, operations)}
-            if not check_mode:
+
+        def read():
+            return reader.read(desired.path, tree) if tree else Current(path=desired.path, dir_exists=False)
+
+        def apply(current, operations):
+            leftovers = [op for op in operations if op.action in LEFTOVER_ACTIONS]
+            try:
+                if leftovers:
+                    # Undoing a leftover mount may detach a loop device: plan the
+                    # rest on the state as it is afterwards.
+                    applier.apply(desired, current, leftovers, tree)
+                    current = read()
+                    operations = leftovers + plan(desired, current)
                 applier.apply(desired, current, operations[len(leftovers):], tree)
-        except CommandError as error:
-            raise BackstoreError(
-                "%s; %s was left consistent, and running again resumes from "
-                "where this run stopped" % (error, desired.path)) from None
-        except OSError as error:
-            # Entries of the directory are reached through its descriptor:
-            # name them in full for the message.
-            for attribute in ("filename", "filename2"):
-                name = getattr(error, attribute)
-                if isinstance(name, str) and name and not os.path.isabs(name):
-                    setattr(error, attribute, os.path.join(desired.directory, name))
-            raise
-        if operations and not check_mode:
-            current = reader.read(desired.path, tree)
-    result.update(describe(desired, current))
-    return result
+            except CommandError as error:
+                raise BackstoreError(
+                    "%s; %s was left consistent, and running again resumes from "
+                    "where this run stopped" % (error, desired.path)) from None
+            except OSError as error:
+                # Entries of the directory are reached through its descriptor:
+                # name them in full for the message.
+                for attribute in ("filename", "filename2"):
+                    name = getattr(error, attribute)
+                    if isinstance(name, str) and name and not os.path.isabs(name):
+                        setattr(error, attribute, os.path.join(desired.directory, name))
+                raise
+            return current, operations
+
+        outcome = execute(read, lambda current: plan(desired, current), apply, check_mode)
+    return Result.of(outcome, diff=diff_view(desired, outcome.before, outcome.operations),
+                     values=describe(desired, outcome.after)).module_result()

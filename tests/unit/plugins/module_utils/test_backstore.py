@@ -14,6 +14,7 @@ from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._plan import Operation
 
 MIB = bs.MIB
 GIB = 1024 * MIB
@@ -571,7 +572,7 @@ def test_applier_refuses_a_store_replaced_since_it_was_read(tmp_path):
     now = existing(path=str(image), identity=(1, 2))
     with pytest.raises(bs.BackstoreError, match="no longer the file that was read"):
         bs.BackstoreApplier(CommandRunner(FakeModule()), str(tmp_path)).apply(
-            want, now, [bs.Operation("remove", "remove")])
+            want, now, [Operation("remove", "remove")])
     assert image.exists()
 
 
