@@ -31,6 +31,7 @@ import time
 
 from ._beneath import Tree, relative_parts
 from ._btrfs import Btrfs, filesystem_type, filesystem_uuid, is_subvolume
+from ._cache import SNAPSHOTS_NAME, CacheReader
 from ._command import CommandError
 from ._fs import (
     FS_APPEND_FL,
@@ -49,7 +50,7 @@ from ._fs import (
 from ._lock import DEFAULT_TIMEOUT, Lock
 from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes, tree_os_release
 from ._rsync import RSYNC_VANISHED, copy_argv, is_excluded
-from ._snapper_cache import SNAPSHOTS_NAME, CacheReader, Snapper
+from ._snapper import Snapper
 from ._text import (
     check_boot_param,
     check_host_name,

@@ -26,24 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import platform
 import re
 import stat
 import time
-from dataclasses import asdict, dataclass, field
 
-from ._backup_meta import format_meta, human_size, parse_meta
+from ._backup_meta import format_meta, human_size
 from ._beneath import BeneathError, Tree, relative_parts
-from ._btrfs import Btrfs, destroy_subvolume, filesystem_type, is_subvolume, same_filesystem
+from ._btrfs import Btrfs, destroy_subvolume, is_subvolume
+from ._cache import (
+    CACHE_NAME,
+    HOLDER_NAME,
+    META_NAME,
+    PENDING_NAME,
+    SNAPSHOTS_NAME,
+    CacheError,
+    CacheReader,
+)
 from ._command import CommandError
 from ._fs import (
     UNCHANGEABLE_FLAGS,
     canonical_path,
     check_path_text,
     check_real_path,
-    describe_os_error,
     flags_at,
     free_space,
     inode_flags,
@@ -61,405 +67,28 @@ from ._roottree import (
     source_os_release,
 )
 from ._rsync import RSYNC_VANISHED, copy_argv, is_excluded, itemized_path, literal_pattern, parse_output
+from ._snapper import SNAPSHOT_DESCRIPTION, Snapper, userdata_value
 from ._text import check_plain_text, check_snapper_name
 
-CACHE_NAME = ".rootfs_cache"
-SNAPSHOTS_NAME = ".snapshots"
-META_NAME = ".backup_meta"
-# Who holds the lock; and a marker that a copy started and was not yet versioned.
-HOLDER_NAME = ".liveclone.lock"
-# snapper create-config and delete-config rewrite SNAPPER_CONFIGS in
-# /etc/default/snapper without a lock of their own: two at once on one host
-# (several caches, as on a backup server, or parallel forks) lose one config
-# from the list. Ours serialises them; /run is root's alone, unlike /run/lock.
-SNAPPER_CONFIGS_LOCK = "/run/liveclone-snapper-configs.lock"
-SNAPPER_CONFIGS_LOCK_TIMEOUT = 300
-CONFIGS_BUSY = ("another run has held %(path)s for %(timeout)d s while changing snapper's configs; "
-                "try again when it has finished")
 CACHE_BUSY = ("%(path)s is locked by another run (%(holder)s); waited %(timeout)d s. Try again when it has "
               "finished, or raise lock_timeout")
-PENDING_NAME = ".liveclone-pending"
-# snapper keeps each config in /etc/snapper/configs/NAME: no path separators.
-# Anchored with \A...\Z: `$` would let a trailing newline through.
-SNAPPER_CONFIG_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
-LEGACY_NAME = re.compile(r"\A@(\d{4}-\d{2}-\d{2})_(\d{2}:\d{2})(?:_(\d+))?\Z")
 # What restore_snapshot may name: latest, a snapper number, a legacy snapshot.
 RESTORE_SNAPSHOT = re.compile(r"latest|[0-9]{1,9}|@\d{4}-\d{2}-\d{2}_\d{2}:\d{2}(?:_\d{1,9})?")
-SNAPSHOT_DESCRIPTION = "liveclone.core backup"
 
 # base_dir goes into snapper's config as SUBVOLUME="...": what double quotes do not hold as text.
 SNAPPER_QUOTED = re.compile(r'["\\$`]')
 # An --exclude argument rsync reads as a rule, not a pattern: "!" clears every
 # exclusion (the standard ones too), "+ " and "- " prefixes make includes.
 RSYNC_RULE = re.compile(r"!|[+-] .*", re.S)
-# snapper's userdata is "k=v,k=v": a value holds no comma, equals sign or line break.
-USERDATA_UNSAFE = re.compile("[,=\x00-\x1f\x7f\x85\u2028\u2029]")
-USERDATA_MAX = 200
 
 # Below this, a base_dir is full before the copy starts.
 MIN_FREE_BYTES = 1 << 20
 MIN_FREE_INODES = 16
 
 
-class CacheError(Exception):
-    """A request that cannot be carried out; the message says what to do."""
-
-
-def userdata_value(text):
-    """A value for snapper's userdata (and .backup_meta): no comma, equals
-    sign or line break, blanks collapsed, at most USERDATA_MAX characters."""
-    value = " ".join(USERDATA_UNSAFE.sub(" ", str(text)).split())[:USERDATA_MAX].strip()
-    return value or "unknown"
-
-
-# --- descriptors: flags, filesystems, subvolumes ----------------------------
-
-
-@dataclass
-class Snapshot:
-    name: str
-    number: int | None
-    kind: str  # "snapper" or "btrfs" (legacy @DATE snapshots)
-    date: str
-    description: str
-    userdata: dict
-    path: str
-    read_only: bool
-
-    def view(self):
-        return asdict(self)
-
-    @property
-    def order(self):
-        """Oldest first: by date, then snapper number, then legacy same-minute counter."""
-        match = LEGACY_NAME.match(self.name)
-        counter = int(match.group(3) or 1) if match else 0
-        return (self.date, self.number or 0, counter)
-
-
-@dataclass
-class Cache:
-    """What is on disk now under one base directory."""
-
-    base_dir: str
-    base_exists: bool = False
-    base_fstype: str | None = None
-    cache_exists: bool = False
-    cache_is_subvolume: bool = False
-    # .rootfs_cache is something that is never the cache (a link, a file, a mount point).
-    cache_refused: bool = False
-    snapshots_dir_exists: bool = False
-    snapper_installed: bool = False
-    snapper_subvolume: str | None = None  # of the named config, when registered
-    snapshots: list = field(default_factory=list)
-    meta: dict | None = None
-    pending: bool = False
-    # .snapshots/N directories (relative to base_dir) snapper does not list
-    # (no info.xml): a create that was killed.
-    incomplete: list = field(default_factory=list)
-    # Entries of the layout that no run may act on: each refuses backup, removal and restore.
-    problems: list = field(default_factory=list)
-    # Entries of .snapshots that are no snapshots (links, plain directories): never listed, pruned or deleted.
-    ignored: list = field(default_factory=list)
-
-    @property
-    def cache_dir(self):
-        return os.path.join(self.base_dir, CACHE_NAME)
-
-    @property
-    def snapshots_dir(self):
-        return os.path.join(self.cache_dir, SNAPSHOTS_NAME)
-
-    @property
-    def meta_path(self):
-        return os.path.join(self.base_dir, META_NAME)
-
-    @property
-    def snapper_registered(self):
-        return self.snapper_subvolume is not None
-
-    @property
-    def snapper_manages_cache(self):
-        return self.snapper_registered and not self.cache_refused and (
-            os.path.realpath(self.snapper_subvolume) == os.path.realpath(self.cache_dir))
-
-    def versioning_found(self):
-        if self.snapper_manages_cache:
-            return "snapper"
-        if self.cache_is_subvolume:
-            return "btrfs"
-        return "none" if self.cache_exists else None
-
-    def newest(self):
-        return max(self.snapshots, key=lambda snap: snap.order) if self.snapshots else None
-
-    def relative(self, path):
-        """A path of the cache relative to base_dir, for beneath-the-root operations."""
-        return os.path.relpath(path, self.base_dir)
-
-    def view(self):
-        return {
-            "base_dir": self.base_dir,
-            "exists": self.cache_exists,
-            "versioning": self.versioning_found(),
-            "snapshots": [snap.view() for snap in sorted(self.snapshots, key=lambda s: s.order)],
-            "metadata": self.meta,
-        }
-
-
-class Snapper:
-    """Thin wrapper of the snapper command line (no D-Bus, as root)."""
-
-    def __init__(self, runner, config):
-        self.runner = runner
-        self.config = config
-
-    def run(self, *args, **kwargs):
-        return self.runner.run(["snapper", "--no-dbus"] + list(args), **kwargs)[1]
-
-    def configs(self):
-        out = self.run("--jsonout", "list-configs")
-        return {item["config"]: item["subvolume"] for item in json.loads(out).get("configs", [])}
-
-    def snapshots(self):
-        out = self.run("--jsonout", "-c", self.config, "list")
-        return [item for item in json.loads(out).get(self.config, []) if item["number"] != 0]
-
-    def get_config(self):
-        return json.loads(self.run("--jsonout", "-c", self.config, "get-config"))
-
-    def settings(self, keep):
-        # Our own retention deletes what exceeds `keep`; these keep snapper's
-        # timers in step with it instead of fighting it.
-        return {"TIMELINE_CREATE": "no", "NUMBER_CLEANUP": "yes", "NUMBER_LIMIT": str(keep),
-                "NUMBER_LIMIT_IMPORTANT": str(keep), "NUMBER_MIN_AGE": "0"}
-
-    @contextlib.contextmanager
-    def configs_lock(self):
-        """Held while snapper changes its list of configs (see SNAPPER_CONFIGS_LOCK)."""
-        lock = Lock(SNAPPER_CONFIGS_LOCK, SNAPPER_CONFIGS_LOCK_TIMEOUT, CONFIGS_BUSY, create=True)
-        try:
-            lock.acquire()
-        except OSError as exc:
-            raise CacheError(describe_os_error(exc, "cannot open the lock of snapper's config list")) from None
-        try:
-            yield
-        finally:
-            lock.release()
-
-    def create_config(self, subvolume):
-        with self.configs_lock():
-            self.run("-c", self.config, "create-config", "--fstype", "btrfs", subvolume)
-            if self.config not in self.configs():
-                raise CacheError("snapper created config %s but does not list it (SNAPPER_CONFIGS in "
-                                 "/etc/default/snapper); another tool changed that list at the same time: "
-                                 "add %s to it, or delete the config and run again" % (self.config, self.config))
-
-    def set_config(self, settings):
-        self.run("-c", self.config, "set-config", *["%s=%s" % item for item in sorted(settings.items())])
-
-    def create(self, userdata):
-        # Each value made safe here too: a comma or '=' in one would add keys.
-        out = self.run("-c", self.config, "create", "--type", "single", "--cleanup-algorithm", "number",
-                       "--description", SNAPSHOT_DESCRIPTION, "--print-number",
-                       "--userdata", ",".join("%s=%s" % (key, userdata_value(value))
-                                              for key, value in userdata.items()))
-        return int(out.strip())
-
-    def delete(self, numbers):
-        self.run("-c", self.config, "delete", *[str(number) for number in numbers])
-
-    def delete_config(self):
-        with self.configs_lock():
-            self.run("-c", self.config, "delete-config")
-
-
 def _last_lines(text, count):
     return "\n".join(text.strip().splitlines()[-count:])
-
-
-def _kind(info):
-    if info is None:
-        return None
-    if stat.S_ISLNK(info.st_mode):
-        return "link"
-    return "dir" if stat.S_ISDIR(info.st_mode) else "other"
-
-
-class CacheReader:
-    """Reads a cache and its source; changes nothing and follows no link inside base_dir."""
-
-    def __init__(self, runner, snapper):
-        self.runner = runner
-        self.snapper = snapper
-        self.btrfs = Btrfs(runner)
-
-    def read(self, base_dir):
-        cache = Cache(base_dir=base_dir)
-        cache.base_exists = os.path.isdir(base_dir)
-        cache.snapper_installed = self._has("snapper")
-        if cache.snapper_installed:
-            cache.snapper_subvolume = self.snapper.configs().get(self.snapper.config)
-        if not cache.base_exists:
-            return cache
-        cache.base_fstype = filesystem_type(self.runner, base_dir)
-        # The info module may be given a base_dir through a link: it only reads.
-        with Tree(os.path.realpath(base_dir)) as tree:
-            self._read_tree(cache, tree)
-        return cache
-
-    def _read_tree(self, cache, tree):
-        mounts = frozenset(mount.point for mount in read_mounts())
-        btrfs = cache.base_fstype == "btrfs"
-        cache_info = tree.lstat(CACHE_NAME)
-        problem = self.not_a_layout_dir(tree, CACHE_NAME, cache_info, mounts, "the cache (.rootfs_cache)")
-        if problem:
-            cache.problems.append(problem)
-            cache.cache_refused = True
-        elif cache_info is not None:
-            cache.cache_exists = True
-            cache.cache_is_subvolume = btrfs and is_subvolume(cache_info)
-            relative = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
-            info = tree.lstat(relative)
-            problem = self.not_a_layout_dir(tree, relative, info, mounts, "the snapshots (.snapshots)")
-            if problem:
-                cache.problems.append(problem)
-            else:
-                cache.snapshots_dir_exists = info is not None
-        if cache.snapper_manages_cache and cache.cache_exists:
-            cache.snapshots += self._snapper_snapshots(cache, tree, mounts)
-        if cache.snapshots_dir_exists:
-            cache.snapshots += self._legacy_snapshots(cache, tree, mounts)
-        if cache.snapper_manages_cache and cache.snapshots_dir_exists:
-            listed = {snap.name for snap in cache.snapshots if snap.kind == "snapper"}
-            snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
-            for name in tree.listdir(snapshots):
-                relative = os.path.join(snapshots, name)
-                if not name.isdigit() or name in listed:
-                    continue
-                kind = _kind(tree.lstat(relative))
-                if kind == "link":
-                    cache.ignored.append(self._ignored(tree, relative, "is a symlink"))
-                elif kind == "dir" and tree.lstat(os.path.join(relative, "info.xml")) is None:
-                    # What a killed `snapper create` leaves: N/ with at most the subvolume N/snapshot.
-                    inner = os.path.join(relative, "snapshot")
-                    if tree.path(relative) in mounts:
-                        cache.ignored.append(self._ignored(tree, relative, "is a mount point"))
-                    elif set(tree.listdir(relative)) - {"snapshot"}:
-                        cache.ignored.append(self._ignored(tree, relative, "holds more than a snapshot"))
-                    elif tree.lstat(inner) is not None and self._snapshot_problem(tree, inner, mounts, False):
-                        cache.ignored.append(self._ignored(tree, *self._snapshot_problem(tree, inner, mounts, False)))
-                    else:
-                        cache.incomplete.append(relative)
-        meta_kind = _kind(tree.lstat(META_NAME))
-        if meta_kind == "other" and tree.is_file(META_NAME):
-            cache.meta = parse_meta(tree.read_text(META_NAME, limit=1 << 20) or "")
-        elif meta_kind == "dir" or meta_kind == "other":
-            cache.problems.append(
-                "%s is %s, where the cache keeps its metadata file; move it away (it is not the "
-                "module's to delete), then run again" % (
-                    tree.path(META_NAME), "a directory" if meta_kind == "dir" else "not a regular file"))
-        for name in (HOLDER_NAME, PENDING_NAME):
-            if _kind(tree.lstat(name)) == "dir":
-                cache.problems.append("%s is a directory, where the module keeps a small file of its own; "
-                                      "move it away, then run again" % tree.path(name))
-        cache.pending = tree.lstat(PENDING_NAME) is not None
-
-    @staticmethod
-    def not_a_layout_dir(tree, relative, info, mounts, what):
-        """None if relative is missing or a real directory on base_dir's
-        filesystem; else why it is never taken for `what`."""
-        kind = _kind(info)
-        path = tree.path(relative)
-        if kind is None:
-            return None
-        if kind == "link":
-            target = tree.readlink(relative)
-            return ("%s is a symlink (to %s), where base_dir holds %s; a link there is never followed, so "
-                    "nothing was changed: remove the link (rm %s) or give the base_dir of the real cache"
-                    % (path, target, what, path))
-        if kind == "other":
-            return "%s is not a directory, where base_dir holds %s; move it away, then run again" % (path, what)
-        if path in mounts:
-            return ("%s is a mount point, where base_dir holds %s; nothing is deleted, copied or snapshotted "
-                    "through a mount: unmount it, then run again" % (path, what))
-        with tree.directory(relative) as fd:
-            if not same_filesystem(tree.fd, fd):
-                return ("%s is on another filesystem than base_dir %s, where base_dir holds %s; unmount it "
-                        "or move it away" % (path, tree.root, what))
-        return None
-
-    @staticmethod
-    def _ignored(tree, relative, why):
-        return ("%s %s, so it is not a snapshot: it is never listed, pruned or deleted; remove it if it is "
-                "not wanted" % (tree.path(relative), why))
-
-    def _snapshot_problem(self, tree, relative, mounts, parent_too):
-        """None if the snapshot at relative (and, for snapper, its N directory) is a real subvolume."""
-        steps = [os.path.dirname(relative), relative] if parent_too else [relative]
-        for step in steps:
-            kind = _kind(tree.lstat(step))
-            if kind == "link":
-                return step, "is a symlink"
-            if kind == "other":
-                return step, "is not a directory"
-            if kind is None:
-                return None
-            if tree.path(step) in mounts:
-                return step, "is a mount point"
-        if not is_subvolume(tree.lstat(relative)):
-            return relative, "is not a btrfs subvolume"
-        return None
-
-    def _has(self, name):
-        try:
-            self.runner.binary(name)
-        except CommandError:
-            return False
-        return True
-
-
-    def _snapper_snapshots(self, cache, tree, mounts):
-        found = []
-        for item in self.snapper.snapshots():
-            relative = os.path.join(CACHE_NAME, SNAPSHOTS_NAME, str(item["number"]), "snapshot")
-            problem = self._snapshot_problem(tree, relative, mounts, parent_too=True)
-            if problem:
-                cache.ignored.append(self._ignored(tree, *problem))
-                continue
-            path = os.path.join(cache.base_dir, relative)
-            found.append(Snapshot(
-                name=str(item["number"]), number=item["number"], kind="snapper",
-                date=item.get("date") or "", description=item.get("description") or "",
-                userdata=item.get("userdata") or {}, path=path,
-                read_only=tree.is_dir(relative) and self.btrfs.read_only(path)))
-        return found
-
-    def _legacy_snapshots(self, cache, tree, mounts):
-        found = []
-        snapshots = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
-        for name in tree.listdir(snapshots):
-            match = LEGACY_NAME.match(name)
-            relative = os.path.join(snapshots, name)
-            if not match:
-                continue
-            problem = self._snapshot_problem(tree, relative, mounts, parent_too=False)
-            if problem:
-                cache.ignored.append(self._ignored(tree, *problem))
-                continue
-            if not tree.is_dir(relative):
-                continue
-            meta = parse_meta(tree.read_text(relative + ".meta", limit=1 << 16) or "")
-            userdata = {key[5:].lower(): value for key, value in meta.items()
-                        if key not in ("META_DATE", "META_DESCRIPTION")}
-            path = os.path.join(cache.base_dir, relative)
-            found.append(Snapshot(
-                name=name, number=None, kind="btrfs",
-                date="%s %s" % (match.group(1), match.group(2)),
-                description=meta.get("META_DESCRIPTION", ""), userdata=userdata, path=path,
-                read_only=self.btrfs.read_only(path)))
-        return found
 
 
 def cache_lock(base_dir, timeout):

@@ -311,16 +311,14 @@ operations:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
+from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheError
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
-from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import (
-    CacheError,
-    CacheManager,
-)
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import CacheManager
 
 
 def main():

@@ -81,6 +81,7 @@ import os
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
+from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheReader
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
@@ -91,7 +92,7 @@ from ansible_collections.liveclone.core.plugins.module_utils._fs import (
     describe_os_error,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._roottree import default_base_dir
-from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import CacheReader, Snapper
+from ansible_collections.liveclone.core.plugins.module_utils._snapper import Snapper
 from ansible_collections.liveclone.core.plugins.module_utils._text import check_snapper_name
 
 

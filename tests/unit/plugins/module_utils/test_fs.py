@@ -9,7 +9,7 @@ import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _fs
 from ansible_collections.liveclone.core.plugins.module_utils import _live_iso as li
-from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
+from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
 
 
 def test_create_file_replaces_a_symlink_and_leaves_its_target(tmp_path):
@@ -68,7 +68,7 @@ def test_live_iso_dest_that_is_a_directory(tmp_path):
     ("distroclone-backup", True), ("root", True), ("a.b_c", True), ("../etc", False), ("a/b", False),
     (".hidden", False), ("", False)])
 def test_snapper_config_names(name, usable):
-    assert bool(sc.SNAPPER_CONFIG_NAME.match(name)) == usable
+    assert bool(sn.SNAPPER_CONFIG_NAME.match(name)) == usable
 
 
 def test_write_atomically_replaces_a_link_and_sets_the_mode(tmp_path):

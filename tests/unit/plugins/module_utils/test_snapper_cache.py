@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 
+from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
+from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
 
 def snapshot(name, date, kind="snapper"):
     number = int(name) if kind == "snapper" else None
-    return sc.Snapshot(name=name, number=number, kind=kind, date=date, description="", userdata={},
+    return cm.Snapshot(name=name, number=number, kind=kind, date=date, description="", userdata={},
                        path="/x/" + name, read_only=True)
 
 
@@ -52,7 +54,7 @@ def test_prune_list_keeps_the_newest_of_both_kinds(keep, adding, expected):
     ("btrfs", "btrfs", True, "btrfs"),
 ])
 def test_versioning(wanted, fstype, snapper, expected):
-    cache = sc.Cache(base_dir="/b", base_exists=True, base_fstype=fstype, snapper_installed=snapper)
+    cache = cm.Cache(base_dir="/b", base_exists=True, base_fstype=fstype, snapper_installed=snapper)
     chooser = manager(versioning=wanted)
     assert chooser._versioning(cache) == expected
     assert bool(chooser.warnings) == (wanted == "auto" and fstype != "btrfs")
@@ -65,9 +67,9 @@ def test_versioning(wanted, fstype, snapper, expected):
     ("auto", "btrfs", True, True, "is a plain directory"),
 ])
 def test_versioning_refusals(wanted, fstype, snapper, cache_is_dir, message):
-    cache = sc.Cache(base_dir="/b", base_exists=True, base_fstype=fstype, snapper_installed=snapper,
+    cache = cm.Cache(base_dir="/b", base_exists=True, base_fstype=fstype, snapper_installed=snapper,
                      cache_exists=cache_is_dir, cache_is_subvolume=False)
-    with pytest.raises(sc.CacheError, match=message):
+    with pytest.raises(cm.CacheError, match=message):
         manager(versioning=wanted)._versioning(cache)
 
 
@@ -118,7 +120,7 @@ def test_rsync_exit_24_is_a_warning():
 def test_other_rsync_failures_fail_before_any_snapshot(rc):
     copier = manager()
     copier.runner = FakeRunner(rc, "")
-    with pytest.raises(sc.CacheError, match="the copy failed, so no snapshot was taken and .backup_meta"):
+    with pytest.raises(cm.CacheError, match="the copy failed, so no snapshot was taken and .backup_meta"):
         copier._rsync("/src", "/dst", [], dry_run=False)
 
 
@@ -165,7 +167,7 @@ def test_check_cache_params(overrides, refusal):
 
 @pytest.mark.parametrize("keep, message", [(True, "a boolean"), (0, "keep is 0"), (-3, "keep is -3")])
 def test_keep_must_be_a_number_of_one_or_more(keep, message):
-    with pytest.raises(sc.CacheError, match=message):
+    with pytest.raises(cm.CacheError, match=message):
         manager(keep=keep)._check_params()
 
 
@@ -177,13 +179,13 @@ def test_path_parameters_are_canonical(raw, canonical):
 
 
 def test_base_dir_root_forms_are_refused():
-    with pytest.raises(sc.CacheError, match="base_dir / would put the cache over the root filesystem"):
+    with pytest.raises(cm.CacheError, match="base_dir / would put the cache over the root filesystem"):
         manager(base_dir="//")._check_base_path()
 
 
 def test_snapper_config_name_pattern_refuses_a_trailing_newline():
-    assert sc.SNAPPER_CONFIG_NAME.match("cfg")
-    assert not sc.SNAPPER_CONFIG_NAME.match("cfg\n")
+    assert sn.SNAPPER_CONFIG_NAME.match("cfg")
+    assert not sn.SNAPPER_CONFIG_NAME.match("cfg\n")
 
 
 @pytest.mark.parametrize("text, value", [
@@ -192,10 +194,10 @@ def test_snapper_config_name_pattern_refuses_a_trailing_newline():
     ("x\ny\rz\x1b\u2028w", "x y z w"),
     ("", "unknown"),
     (",,,", "unknown"),
-    ("x" * 500, "x" * sc.USERDATA_MAX),
+    ("x" * 500, "x" * sn.USERDATA_MAX),
 ])
 def test_userdata_value(text, value):
-    assert sc.userdata_value(text) == value
+    assert sn.userdata_value(text) == value
 
 
 class RecordingRunner:
@@ -209,7 +211,7 @@ class RecordingRunner:
 
 def test_snapper_userdata_never_gains_keys():
     runner = RecordingRunner("7\n")
-    number = sc.Snapper(runner, "cfg").create({"distro": "a,evil=1", "kernel": "6.1=x,y", "size_kb": "4"})
+    number = sn.Snapper(runner, "cfg").create({"distro": "a,evil=1", "kernel": "6.1=x,y", "size_kb": "4"})
     userdata = runner.argv[runner.argv.index("--userdata") + 1]
     assert number == 7
     assert [pair.split("=")[0] for pair in userdata.split(",")] == ["distro", "kernel", "size_kb"]
@@ -228,7 +230,7 @@ class PlainRunner:
 
 
 def read_cache(base):
-    return sc.CacheReader(PlainRunner(), sc.Snapper(PlainRunner(), "cfg")).read(str(base))
+    return cm.CacheReader(PlainRunner(), sn.Snapper(PlainRunner(), "cfg")).read(str(base))
 
 
 def test_reader_never_takes_a_link_for_the_cache(tmp_path):
@@ -298,32 +300,32 @@ class ConfigListRunner:
 
 
 def test_create_config_verified_in_the_list(tmp_path, monkeypatch):
-    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK", str(tmp_path / "configs.lock"))
+    monkeypatch.setattr(sn, "SNAPPER_CONFIGS_LOCK", str(tmp_path / "configs.lock"))
     runner = ConfigListRunner(["other", "cfg"])
-    sc.Snapper(runner, "cfg").create_config("/base/.rootfs_cache")
+    sn.Snapper(runner, "cfg").create_config("/base/.rootfs_cache")
     assert runner.argvs[0][-4:] == ["create-config", "--fstype", "btrfs", "/base/.rootfs_cache"]
 
 
 def test_create_config_lost_from_the_list_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK", str(tmp_path / "configs.lock"))
-    with pytest.raises(sc.CacheError, match="does not list it"):
-        sc.Snapper(ConfigListRunner(["other"]), "cfg").create_config("/base/.rootfs_cache")
+    monkeypatch.setattr(sn, "SNAPPER_CONFIGS_LOCK", str(tmp_path / "configs.lock"))
+    with pytest.raises(cm.CacheError, match="does not list it"):
+        sn.Snapper(ConfigListRunner(["other"]), "cfg").create_config("/base/.rootfs_cache")
 
 
 def test_config_changes_wait_for_the_lock(tmp_path, monkeypatch):
     import fcntl
     import os
     lock = tmp_path / "configs.lock"
-    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK", str(lock))
-    monkeypatch.setattr(sc, "SNAPPER_CONFIGS_LOCK_TIMEOUT", 0.5)
+    monkeypatch.setattr(sn, "SNAPPER_CONFIGS_LOCK", str(lock))
+    monkeypatch.setattr(sn, "SNAPPER_CONFIGS_LOCK_TIMEOUT", 0.5)
     holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(holder, fcntl.LOCK_EX)
     runner = ConfigListRunner(["cfg"])
     try:
         with pytest.raises(LockError, match="another run has held"):
-            sc.Snapper(runner, "cfg").delete_config()
+            sn.Snapper(runner, "cfg").delete_config()
     finally:
         os.close(holder)
     assert runner.argvs == []
-    sc.Snapper(runner, "cfg").delete_config()
+    sn.Snapper(runner, "cfg").delete_config()
     assert runner.argvs == [["snapper", "--no-dbus", "-c", "cfg", "delete-config"]]
