@@ -439,7 +439,6 @@ class BackstoreReader:
         self._read_filesystem(current)
         return current
 
-
     @staticmethod
     def _stale_temp_files(tree, name):
         """Our temporary files left by an interrupted create: regular files

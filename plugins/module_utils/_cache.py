@@ -264,7 +264,6 @@ class CacheReader:
             return False
         return True
 
-
     def _snapper_snapshots(self, cache, tree, mounts):
         found = []
         for item in self.snapper.snapshots():
