@@ -239,11 +239,6 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._backstore import (
-    LAYOUTS,
-    BackstoreError,
-    run,
-)
 from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
@@ -251,6 +246,13 @@ from ansible_collections.liveclone.core.plugins.module_utils._command import (
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
+from ansible_collections.liveclone.core.plugins.module_utils._store import run
+from ansible_collections.liveclone.core.plugins.module_utils._store_desired import (
+    FSTYPES,
+    LAYOUTS,
+    BackstoreError,
+    Desired,
+)
 
 
 def main():
@@ -260,7 +262,7 @@ def main():
             state=dict(type="str", choices=["present", "absent"], default="present"),
             size=dict(type="raw"),
             layout=dict(type="str", choices=list(LAYOUTS), default="plain"),
-            fstype=dict(type="str", choices=["ext2", "ext3", "ext4", "xfs", "btrfs"]),
+            fstype=dict(type="str", choices=list(FSTYPES)),
             label=dict(type="str"),
             allocation=dict(type="str", choices=["sparse", "full"], default="sparse"),
             persistence_conf=dict(type="list", elements="str", default=["/ union"]),
@@ -269,14 +271,16 @@ def main():
         supports_check_mode=True,
     )
     try:
-        result = run(CommandRunner(module), module.params, module.check_mode, module.tmpdir)
+        desired = Desired.from_params(module.params)
+        result = run(CommandRunner(module), desired, module.check_mode, module.tmpdir)
     except (BackstoreError, BeneathError, CommandError, LockError) as error:
         module.fail_json(msg=str(error))
     except OSError as error:
         module.fail_json(msg=describe_os_error(error, "backstore:"))
+    values = result.module_result()
     if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+        values.pop("diff")
+    module.exit_json(**values)
 
 
 if __name__ == "__main__":
