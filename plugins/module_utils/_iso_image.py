@@ -43,6 +43,8 @@ def remove_excluded(tree, patterns):
     patterns = tuple(patterns)
     removed = []
     for pattern in patterns:
+        if ".." in pattern.split("/"):
+            continue  # names nothing beneath the root (rsync matches no path with '..' either)
         parts = relative_parts(pattern)
         literal = []
         for part in parts:
