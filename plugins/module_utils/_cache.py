@@ -110,6 +110,13 @@ class Cache:
     def newest(self):
         return max(self.snapshots, key=lambda snap: snap.order) if self.snapshots else None
 
+    def snapshot_named(self, name):
+        """The snapshot a user names: the newest for "latest", else the one of
+        that name (a snapper number, a legacy @DATE name); None when there is none."""
+        if name == "latest":
+            return self.newest()
+        return next((snap for snap in self.snapshots if snap.name == name), None)
+
     def relative(self, path):
         """A path of the cache relative to base_dir, for beneath-the-root operations."""
         return os.path.relpath(path, self.base_dir)

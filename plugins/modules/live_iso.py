@@ -15,6 +15,11 @@ description:
   - The source is never modified and the host is never changed. All mounts live in
     a private mount namespace of the module's own process and vanish with it.
     A btrfs snapshot source is cloned as a writable snapshot, not copied file by file.
+  - The image leaves out the same paths however the source is copied (the standard exclusions such as
+    C(/swapfile), C(/mnt/*), C(/media/*) and C(/var/lib/liveclone), the source's mounts, the homes unless
+    O(keep_home), and O(exclude)); rsync leaves them out, and a writable snapshot has them removed after.
+  - In diff mode the result's diff shows what the manifest beside the ISO records of the source and the
+    options (their digest) before the run, and what this run's build records after.
   - The image is cleaned of the source's users (UID 1000 and up), homes, SSH host
     keys, machine-id, NetworkManager connections, histories, logs and caches.
   - The clean-up acts only beneath the image's root and never follows a symlink. A
@@ -244,7 +249,11 @@ stages:
   returned: always
   type: dict
 operations:
-  description: What was done, or would be done in check mode.
+  description:
+    - The build's steps, in order; check mode returns the same steps a real run carries out.
+    - A real run also lists, before a step, what the step found to do on the way (users removed, links
+      replaced, the initramfs kept or regenerated, the squashfs's size).
+    - Empty when the ISO is up to date.
   returned: always
   type: list
   elements: str
@@ -258,7 +267,8 @@ from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandRunner,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
-from ansible_collections.liveclone.core.plugins.module_utils._live_iso import IsoError, run
+from ansible_collections.liveclone.core.plugins.module_utils._iso_build import run
+from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import IsoError
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
 
@@ -294,14 +304,17 @@ def main():
         supports_check_mode=True,
     )
     try:
-        result, warnings = run(CommandRunner(module), module.params, module.check_mode)
+        result = run(CommandRunner(module), module.params, module.check_mode)
     except (IsoError, CommandError, BeneathError, LockError) as error:
         module.fail_json(msg=str(error))
     except OSError as error:
         module.fail_json(msg=describe_os_error(error, "live_iso:"))
-    for warning in warnings:
+    for warning in result.warnings:
         module.warn(warning)
-    module.exit_json(**result)
+    values = result.module_result()
+    if not module._diff:
+        values.pop("diff")
+    module.exit_json(**values)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _fs
-from ansible_collections.liveclone.core.plugins.module_utils import _live_iso as li
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
+from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import IsoError, check_params
 
 
 def test_create_file_replaces_a_symlink_and_leaves_its_target(tmp_path):
@@ -55,13 +55,13 @@ def test_check_real_path_refuses_kernel_filesystems():
 def test_live_iso_parameter_checks(tmp_path, overrides, words):
     values = dict(block_size=1048576, hostname="liveclone", work_dir=None)
     values.update(overrides)
-    with pytest.raises(li.IsoError, match=words):
-        li.check_params(values, str(tmp_path / "live.iso"))
+    with pytest.raises(IsoError, match=words):
+        check_params(values, str(tmp_path / "live.iso"))
 
 
 def test_live_iso_dest_that_is_a_directory(tmp_path):
-    with pytest.raises(li.IsoError, match="give the ISO's file name, such as %s" % os.path.join(tmp_path, "live.iso")):
-        li.check_params(dict(block_size=131072, hostname="a", work_dir=None), str(tmp_path))
+    with pytest.raises(IsoError, match="give the ISO's file name, such as %s" % os.path.join(tmp_path, "live.iso")):
+        check_params(dict(block_size=131072, hostname="a", work_dir=None), str(tmp_path))
 
 
 @pytest.mark.parametrize(("name", "usable"), [

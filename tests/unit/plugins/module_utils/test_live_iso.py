@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,7 +11,15 @@ import shutil
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _live_iso as li
+from ansible_collections.liveclone.core.plugins.module_utils import _iso_boot as boot
+from ansible_collections.liveclone.core.plugins.module_utils import _iso_build as build
+from ansible_collections.liveclone.core.plugins.module_utils import _iso_desired as desired_
+from ansible_collections.liveclone.core.plugins.module_utils import _iso_image as image_
+from ansible_collections.liveclone.core.plugins.module_utils import _iso_source as source_
+from ansible_collections.liveclone.core.plugins.module_utils import _iso_state as state
+from ansible_collections.liveclone.core.plugins.module_utils._beneath import Tree
+from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import Desired, IsoError
+from ansible_collections.liveclone.core.plugins.module_utils._iso_source import Source
 
 
 def params(**overrides):
@@ -23,6 +32,14 @@ def params(**overrides):
     return values
 
 
+def desired(**overrides):
+    """A Desired as from_params makes it, without the checks that read the filesystem."""
+    values = desired_.canonical_params(params(**overrides))
+    for name in ("boot_params", "exclude", "keep_users", "checksums"):
+        values[name] = tuple(values[name])
+    return Desired(**values)
+
+
 class Recorder:
     def __init__(self, out=""):
         self.calls, self.out = [], out
@@ -33,7 +50,7 @@ class Recorder:
 
 
 def test_grub_config_serial_and_entries():
-    config = li.IsoBuilder(None, params(boot_params=["ipv6.disable=1"])).grub_config()
+    config = boot.grub_config(desired(boot_params=["ipv6.disable=1"]))
     assert config.splitlines()[:3] == ["serial --unit=0 --speed=115200", "terminal_input console serial",
                                        "terminal_output console serial"]
     titles = [line for line in config.splitlines() if line.startswith("menuentry")]
@@ -47,7 +64,7 @@ def test_grub_config_serial_and_entries():
 
 
 def test_no_persistence_entry_when_not_asked():
-    config = li.IsoBuilder(None, params(persistence=False)).grub_config()
+    config = boot.grub_config(desired(persistence=False))
     assert " persistence " not in config
 
 
@@ -55,8 +72,9 @@ def test_squashfs_options_come_before_the_excludes(tmp_path):
     output = tmp_path / "fs.squashfs"
     output.write_bytes(b"x" * 100)
     runner = Recorder("Filesystem size 1.00 Kbytes\n\t25.00% of uncompressed filesystem size (400.00 Kbytes)\n")
-    builder = li.IsoBuilder(runner, params(compression_level=19, exclude=["/var/cache/*", "srv/big"]))
-    result = builder._squashfs("/root", str(output), 1700000000)
+    maker = boot.BootMaker(runner, desired(compression_level=19, exclude=["/var/cache/*", "srv/big"]),
+                           image_.ImageEditor(runner, desired()))
+    result = maker.squashfs("/root", str(output), 1700000000)
     assert runner.calls[0] == ["env", "SOURCE_DATE_EPOCH=1700000000", "mksquashfs", "/root", str(output), "-noappend",
                                "-no-progress", "-comp", "zstd", "-b", "1048576", "-Xcompression-level", "19",
                                "-wildcards", "-e", "var/cache/*", "srv/big"]
@@ -78,12 +96,20 @@ def make_tree(root):
     (root / "etc/machine-id").write_text("0123456789abcdef\n")
 
 
+def clean_and_configure(runner, wanted, root):
+    """The clean step, then the configuration of the build step, as the applier runs them."""
+    editor = image_.ImageEditor(runner, wanted)
+    with Tree(str(root)) as tree:
+        editor.clean(tree)
+    with Tree(str(root)) as tree:
+        editor.configure(tree, 1700000000)
+    return editor
+
+
 def test_clean_and_configure(tmp_path):
     make_tree(tmp_path)
     runner = Recorder("$6$salted$hash\n")
-    builder = li.IsoBuilder(runner, params(keep_users=["bob"], live_password="pw", hostname="rescue"))
-    builder._clean(str(tmp_path), 1700000000)
-    builder._configure(str(tmp_path), 1700000000)
+    clean_and_configure(runner, desired(keep_users=["bob"], live_password="pw", hostname="rescue"), tmp_path)
     assert (tmp_path / "etc/machine-id").read_text() == ""
     assert not (tmp_path / "etc/ssh/ssh_host_rsa_key").exists()
     assert not list((tmp_path / "etc/NetworkManager/system-connections").iterdir())
@@ -109,13 +135,12 @@ def test_clean_and_configure(tmp_path):
 def test_family_check(tmp_path, release, supported):
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/os-release").write_text(release)
-    builder = li.IsoBuilder(None, params())
-    with li.Tree(str(tmp_path)) as tree:
+    with Tree(str(tmp_path)) as tree:
         if supported:
-            builder._check_family(tree)
+            source_.check_family(tree)
         else:
-            with pytest.raises(li.IsoError, match="not yet supported"):
-                builder._check_family(tree)
+            with pytest.raises(IsoError, match="not yet supported"):
+                source_.check_family(tree)
 
 
 @pytest.mark.parametrize(("entries", "boots_live"), [
@@ -128,56 +153,70 @@ def test_family_check(tmp_path, release, supported):
     ([], False),
 ])
 def test_initramfs_kept_only_when_it_boots_live_without_source_settings(entries, boots_live):
-    assert li.initramfs_boots_live(entries) is boots_live
+    assert boot.initramfs_boots_live(entries) is boots_live
 
 
 def test_a_directory_time_alone_does_not_change_a_tree_fingerprint(tmp_path):
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "hostname").write_text("lab\n")
     (tmp_path / "tmp").mkdir()
-    builder = li.IsoBuilder(None, params())
-    first = list(builder._walk(str(tmp_path), ["/tmp/*"]))
+    first = list(source_.walk(str(tmp_path), ["/tmp/*"]))
     (tmp_path / "tmp" / "scratch").write_text("x")
     os.utime(tmp_path / "tmp", (1, 1))
     os.utime(tmp_path / "etc", (1, 1))
-    assert list(builder._walk(str(tmp_path), ["/tmp/*"])) == first
+    assert list(source_.walk(str(tmp_path), ["/tmp/*"])) == first
     os.utime(tmp_path / "etc" / "hostname", (1, 1))
-    assert list(builder._walk(str(tmp_path), ["/tmp/*"])) != first
+    assert list(source_.walk(str(tmp_path), ["/tmp/*"])) != first
 
 
 def _built_iso(tmp_path):
     iso = tmp_path / "live.iso"
     iso.write_bytes(b"iso" * 1000)
-    builder = li.IsoBuilder(None, params(dest=str(iso)))
-    source = li.Source("cache", "/mnt/b/.rootfs_cache/.snapshots/1/snapshot", "1")
+    wanted = desired(dest=str(iso))
+    source = Source("cache", "/mnt/b/.rootfs_cache/.snapshots/1/snapshot", "1")
     source.identity = "btrfs:uuid"
-    manifest = {"version": li.MANIFEST_VERSION, "source_identity": "btrfs:uuid", "options_digest": "d",
-                "sha256": li._sha256(str(iso)), "size": iso.stat().st_size, "iso_mtime_ns": iso.stat().st_mtime_ns}
-    (tmp_path / ("live.iso" + li.MANIFEST_SUFFIX)).write_text(json.dumps(manifest))
-    return iso, builder, source
+    manifest = {"version": state.MANIFEST_VERSION, "source_identity": "btrfs:uuid", "options_digest": "d",
+                "sha256": state.sha256_of(str(iso)), "size": iso.stat().st_size,
+                "iso_mtime_ns": iso.stat().st_mtime_ns}
+    (tmp_path / ("live.iso" + desired_.MANIFEST_SUFFIX)).write_text(json.dumps(manifest))
+    return iso, wanted, source
+
+
+def up_to_date(wanted, source, digest):
+    return state.is_up_to_date(wanted, state.read_manifest(wanted), source, digest)
 
 
 def test_an_iso_as_built_is_up_to_date_without_reading_it(tmp_path, monkeypatch):
-    iso, builder, source = _built_iso(tmp_path)
-    monkeypatch.setattr(li, "_sha256", lambda path: pytest.fail("hashed an untouched ISO"))
-    assert builder.up_to_date(source, "d")["sha256"]
-    assert builder.up_to_date(source, "other options") is None
+    iso, wanted, source = _built_iso(tmp_path)
+    monkeypatch.setattr(state, "sha256_of", lambda path: pytest.fail("hashed an untouched ISO"))
+    assert state.read_manifest(wanted)["sha256"]
+    assert up_to_date(wanted, source, "d")
+    assert not up_to_date(wanted, source, "other options")
 
 
 def test_an_iso_touched_but_unchanged_is_up_to_date(tmp_path):
-    iso, builder, source = _built_iso(tmp_path)
+    iso, wanted, source = _built_iso(tmp_path)
     os.utime(iso, (1, 1))
-    assert builder.up_to_date(source, "d") is not None
+    assert up_to_date(wanted, source, "d")
 
 
 def test_an_iso_changed_in_place_or_resized_is_rebuilt(tmp_path):
-    iso, builder, source = _built_iso(tmp_path)
+    iso, wanted, source = _built_iso(tmp_path)
     with open(iso, "r+b") as handle:
         handle.write(b"X")
     os.utime(iso, (1, 1))
-    assert builder.up_to_date(source, "d") is None
+    assert not up_to_date(wanted, source, "d")
     iso.write_bytes(b"short")
-    assert builder.up_to_date(source, "d") is None
+    assert not up_to_date(wanted, source, "d")
+
+
+def test_force_rebuilds_and_a_manifest_link_is_not_trusted(tmp_path):
+    iso, wanted, source = _built_iso(tmp_path)
+    assert not up_to_date(desired(dest=str(iso), force=True), source, "d")
+    manifest = tmp_path / ("live.iso" + desired_.MANIFEST_SUFFIX)
+    manifest.rename(tmp_path / "elsewhere.json")
+    manifest.symlink_to(tmp_path / "elsewhere.json")
+    assert state.read_manifest(wanted) is None
 
 
 # --- parameters: every value is checked before anything is read ----------------
@@ -215,7 +254,7 @@ GRUB_ENTRY = 'x"\nmenuentry "evil" {'
     ({"block_size": 1000}, "block_size 1000 is not a power of two"),
 ])
 def test_parameter_problems(overrides, words):
-    problems = li.parameter_problems(li.canonical_params(params(**overrides)))
+    problems = desired_.parameter_problems(desired_.canonical_params(params(**overrides)))
     assert problems and re.search(words, problems[0]), problems
 
 
@@ -227,7 +266,7 @@ def test_parameter_problems(overrides, words):
     {"live_password": "p:w\"x'$(id)}{;|&<>#` "},
 ])
 def test_valid_values_pass(overrides):
-    assert li.parameter_problems(li.canonical_params(params(**overrides))) == []
+    assert desired_.parameter_problems(desired_.canonical_params(params(**overrides))) == []
 
 
 @pytest.mark.parametrize(("overrides", "words"), [
@@ -243,12 +282,14 @@ def test_valid_values_pass(overrides):
 ])
 def test_path_rules_hold_on_the_canonical_form(tmp_path, overrides, words):
     values = params(**dict({"dest": str(tmp_path / "live.iso")}, **overrides))
-    with pytest.raises(li.IsoError, match=words):
-        li.check_params(values)
+    with pytest.raises(IsoError, match=words):
+        desired_.check_params(values)
+    with pytest.raises(IsoError, match=words):
+        Desired.from_params(values)
 
 
 def test_canonical_params_resolve_slashes_and_dots():
-    values = li.canonical_params(params(dest="//srv//iso/./x/../live.iso", work_dir="/var/tmp/", cache_dir=None))
+    values = desired_.canonical_params(params(dest="//srv//iso/./x/../live.iso", work_dir="/var/tmp/", cache_dir=None))
     assert values["dest"] == "/srv/iso/live.iso" and values["work_dir"] == "/var/tmp" and values["cache_dir"] is None
 
 
@@ -296,9 +337,7 @@ def test_clean_and_configure_replace_a_planted_link(tmp_path, victim, relative, 
     (image / "etc/skel").mkdir()
     (image / "etc/skel/.profile").write_text("# skel\n")
     plant(image, relative, victim / target)
-    builder = li.IsoBuilder(Recorder("$6$salted$hash\n"), params(keep_home=keep_home))
-    builder._clean(str(image), 1700000000)
-    builder._configure(str(image), 1700000000)
+    clean_and_configure(Recorder("$6$salted$hash\n"), desired(keep_home=keep_home), image)
     assert not (image / "home").is_symlink() and (image / "home/live").is_dir()
     assert not (image / "home/live").is_symlink() and (image / "home/live").stat().st_uid == 1000
     assert relative == "etc/skel" or not (image / relative).is_symlink() or keep_home
@@ -316,9 +355,9 @@ def test_a_link_on_the_way_to_a_database_is_refused_not_followed(tmp_path, victi
     image.mkdir()
     make_tree(image)
     plant(image, "etc/passwd", victim / "hostname")
-    builder = li.IsoBuilder(Recorder(), params())
-    with pytest.raises(li.IsoError, match="etc/passwd in the image is a symlink to .*put the file itself there"):
-        builder._clean(str(image), 1700000000)
+    with pytest.raises(IsoError, match="etc/passwd in the image is a symlink to .*put the file itself there"), \
+            Tree(str(image)) as tree:
+        image_.ImageEditor(Recorder(), desired()).clean(tree)
 
 
 def test_a_database_link_inside_the_tree_is_read_there_and_replaced(tmp_path):
@@ -326,8 +365,8 @@ def test_a_database_link_inside_the_tree_is_read_there_and_replaced(tmp_path):
     (tmp_path / "etc/real-group").write_text((tmp_path / "etc/group").read_text())
     (tmp_path / "etc/group").unlink()
     (tmp_path / "etc/group").symlink_to("/etc/real-group")  # absolute: resolved inside the tree
-    builder = li.IsoBuilder(Recorder(), params(live_user=""))
-    builder._clean(str(tmp_path), 1700000000)
+    with Tree(str(tmp_path)) as tree:
+        image_.ImageEditor(Recorder(), desired(live_user="")).clean(tree)
     assert not (tmp_path / "etc/group").is_symlink()
     assert "alice" not in (tmp_path / "etc/group").read_text()
     assert "alice" in (tmp_path / "etc/real-group").read_text()
@@ -338,9 +377,194 @@ def test_a_kernel_that_is_a_link_out_of_the_tree_is_refused(tmp_path, victim):
     (tmp_path / "boot/vmlinuz-6.1.0-1-amd64").write_text("kernel\n")
     (tmp_path / "boot/initrd.img-6.1.0-1-amd64").symlink_to("../boot/real-initrd")
     (tmp_path / "boot/real-initrd").write_text("initrd\n")
-    with li.Tree(str(tmp_path)) as tree:
-        assert li.kernels(tree, "the source") == [("6.1.0-1-amd64", "boot/vmlinuz-6.1.0-1-amd64", "boot/real-initrd")]
+    with Tree(str(tmp_path)) as tree:
+        assert source_.kernels(tree, "the source") == [
+            ("6.1.0-1-amd64", "boot/vmlinuz-6.1.0-1-amd64", "boot/real-initrd")]
     (tmp_path / "boot/vmlinuz-6.9.0-1-amd64").symlink_to(victim / "hostname")
     refusal = "vmlinuz-6.9.0-1-amd64 in the source is a symlink to"
-    with li.Tree(str(tmp_path)) as tree, pytest.raises(li.IsoError, match=refusal):
-        li.kernels(tree, "the source")
+    with Tree(str(tmp_path)) as tree, pytest.raises(IsoError, match=refusal):
+        source_.kernels(tree, "the source")
+
+
+# --- one image-content policy, after either copy -------------------------------
+
+LEFT_OUT = ("swapfile", "mnt/x", "media/y", "var/lib/liveclone/old.iso", "snap/core/1/file", "proc/1/status",
+            "var/log/syslog", "lost+found/f")
+
+
+def test_a_path_source_leaves_out_the_standard_exclusions(monkeypatch):
+    monkeypatch.setattr(source_, "mount_excludes", lambda root, keep_home: ["/data/*"])
+    source = Source("path", "/srv/rootfs")
+    excludes = source_.image_excludes(desired(source="path", source_path="/srv/rootfs", exclude=["srv/big"]), source)
+    for pattern in ("/swapfile", "/mnt/*", "/media/*", "/var/lib/liveclone", "/snap", "/home/*", "/data/*",
+                    "/srv/big"):
+        assert pattern in excludes
+    assert source_.image_excludes(desired(keep_home=True, source="path"), source).count("/home/*") == 0
+    cache = Source("cache", "/mnt/b/.rootfs_cache/.snapshots/1/snapshot", "1")
+    assert source_.image_excludes(desired(), cache) == ["/.snapshots"]
+
+
+def test_remove_excluded_takes_what_the_policy_leaves_out_of_a_snapshot(tmp_path, victim):
+    image = tmp_path / "image"
+    for relative in LEFT_OUT + ("etc/hostname", "var/lib/dpkg/status", "mnt", "media", "srv/keep",
+                                "var/lib/liveclonex/kept"):
+        path = image / relative
+        if relative in ("mnt", "media"):
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("planted\n")
+    (image / "boot").mkdir()
+    (image / "boot/efi").symlink_to(victim)  # a link at a pattern's directory: never entered
+    (image / "lost+found").chmod(0o700)
+    patterns = list(source_.STANDARD_EXCLUDES) + ["/srv/*.log"]
+    (image / "srv/a.log").write_text("log\n")
+    with Tree(str(image)) as tree:
+        removed = image_.remove_excluded(tree, patterns)
+    for relative in LEFT_OUT + ("srv/a.log",):
+        assert not (image / relative).exists(), relative
+    assert "swapfile" in removed and "mnt/x" in removed and "var/lib/liveclone" in removed
+    for relative in ("etc/hostname", "var/lib/dpkg/status", "mnt", "media", "srv/keep", "var/lib/liveclonex/kept",
+                     "var/log", "proc"):
+        assert (image / relative).exists(), relative
+    assert (image / "boot/efi").is_symlink()
+
+
+def test_remove_excluded_removes_a_link_and_never_goes_through_one(tmp_path, victim):
+    image = tmp_path / "image"
+    (image / "var").mkdir(parents=True)
+    (image / "swapfile").symlink_to(victim / "hostname")
+    (image / "var/lib").symlink_to(victim)  # var/lib/liveclone lies beyond a link: not the image's own
+    (image / "media").symlink_to(victim / "home")
+    with Tree(str(image)) as tree:
+        assert image_.remove_excluded(tree, ["/swapfile", "/var/lib/liveclone", "/media/*", "/var/lib/*",
+                                             "/../var", "/"]) == ["swapfile"]
+    assert not os.path.lexists(image / "swapfile") and (image / "media").is_symlink()
+
+
+# --- the planner, on plain data -------------------------------------------------
+
+def current(**overrides):
+    source = Source("path", "/srv/rootfs")
+    source.identity, source.epoch = "tree:abc", 1700000000
+    values = dict(source=source, options_digest="d", manifest=None, up_to_date=False, work_parent="/srv/iso",
+                  excludes=["/swapfile", "/mnt/*"], by_snapshot=True)
+    values.update(overrides)
+    return state.Current(**values)
+
+
+def actions(operations):
+    return [operation.action for operation in operations]
+
+
+def test_nothing_is_planned_for_an_iso_that_is_up_to_date():
+    assert state.plan(desired(), current(up_to_date=True, manifest={"size": 1})) == []
+
+
+@pytest.mark.parametrize("by_snapshot", [True, False])
+def test_either_copy_is_followed_by_the_one_image_content_policy(by_snapshot):
+    operations = state.plan(desired(dest="/srv/iso/live.iso"), current(by_snapshot=by_snapshot))
+    copy = "snapshot" if by_snapshot else "rsync"
+    assert actions(operations) == [copy, "leave_out", "clean", "build"]
+    assert operations[0].text == ("took a writable btrfs snapshot of /srv/rootfs" if by_snapshot
+                                  else "copied /srv/rootfs with rsync")
+    assert operations[1].args == {"patterns": ["/swapfile", "/mnt/*"]}
+    assert operations[1].text == "removed from the copy what the image leaves out (/swapfile, /mnt/*)"
+    assert operations[-1].text == "built /srv/iso/live.iso from path /srv/rootfs"
+
+
+def test_the_plan_removes_leftovers_first_and_installs_what_the_source_lacks():
+    work = [("/srv/iso/.liveclone-iso-work-a", "work"), ("/srv/iso/.liveclone-iso-work-b", "symlink")]
+    operations = state.plan(desired(dest="/srv/iso/live.iso", source="path"), current(
+        stale_work=work, stale_files=["/srv/iso/.live.iso.tmp-x"], missing=["live-boot"]))
+    assert actions(operations) == ["remove_work", "remove_entry", "remove_file", "snapshot", "leave_out",
+                                   "install", "clean", "build"]
+    assert [operation.text for operation in operations[:3]] == [
+        "removed /srv/iso/.liveclone-iso-work-a left by an interrupted build",
+        "removed .liveclone-iso-work-b (a symlink, not a work tree) from /srv/iso",
+        "removed /srv/iso/.live.iso.tmp-x left by an interrupted build"]
+    assert operations[5].text == "installed live-boot into the image"
+    assert operations[5].args == {"packages": ["live-boot"]}
+
+
+def test_a_cache_build_names_the_snapshot():
+    source = Source("cache", "/mnt/b/.rootfs_cache/.snapshots/3/snapshot", "3")
+    operations = state.plan(desired(dest="/srv/iso/live.iso"), current(source=source, excludes=["/.snapshots"]))
+    assert operations[-1].text == "built /srv/iso/live.iso from cache 3"
+
+
+# --- the diff: what the manifest records, before and after --------------------
+
+def test_the_diff_without_an_iso_is_empty_before_and_the_record_after():
+    wanted = desired(dest="/srv/iso/live.iso")
+    now = current()
+    diff = state.diff_view(wanted, now, state.plan(wanted, now))
+    assert diff["before"] == {}
+    assert diff["after"] == {"version": 1, "source_identity": "tree:abc", "options_digest": "d",
+                             "source": now.source.view()}
+    assert diff["before_header"] == diff["after_header"] == "/srv/iso/live.iso.manifest.json"
+
+
+def test_the_diff_shows_the_manifest_before_and_nothing_new_when_up_to_date():
+    wanted = desired(dest="/srv/iso/live.iso")
+    manifest = {"version": 1, "source_identity": "tree:old", "options_digest": "o", "sha256": "s", "size": 3,
+                "source": {"kind": "path"}, "squashfs": {}}
+    changed = current(manifest=manifest)
+    diff = state.diff_view(wanted, changed, state.plan(wanted, changed))
+    assert diff["before"] == {"version": 1, "source_identity": "tree:old", "options_digest": "o",
+                              "source": {"kind": "path"}}
+    assert diff["after"]["source_identity"] == "tree:abc" and diff["after"]["options_digest"] == "d"
+    same = current(manifest=manifest, up_to_date=True)
+    diff = state.diff_view(wanted, same, state.plan(wanted, same))
+    assert diff["after"] == diff["before"]
+
+
+# --- check mode returns the plan the real run carries out ----------------------
+
+class FakeReader:
+    def __init__(self, first, after):
+        self.states = [first, after]
+        self.warnings = ["a warning of the read"]
+
+    def read(self):
+        return self.states.pop(0)
+
+
+def test_check_mode_and_a_real_run_carry_the_same_plan(tmp_path, monkeypatch):
+    (tmp_path / "iso").mkdir()
+    wanted = desired(dest=str(tmp_path / "iso/live.iso"), source="path", source_path="/srv/rootfs")
+    first = current(work_parent=str(tmp_path / "iso"), missing=["live-boot"])
+    manifest = {"version": 1, "source_identity": "tree:abc", "options_digest": "d", "sha256": "s", "size": 7,
+                "source": first.source.view(), "squashfs": {"size": 5}}
+    after = current(work_parent=first.work_parent, manifest=manifest, up_to_date=True)
+    carried_out = []
+
+    def step(name):
+        def run_step(self, now, operation, work):
+            carried_out.append(operation.action)
+            if name == "clean":
+                self.editor.found.append("removed user alice")
+        return run_step
+
+    for name in ("snapshot", "leave_out", "install", "clean", "build"):
+        monkeypatch.setattr(build.IsoApplier, "_" + name, step(name))
+    monkeypatch.setattr(build, "enter_private_mount_namespace", lambda runner: None)
+    monkeypatch.setattr(build, "Lock", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(build.Desired, "from_params", classmethod(lambda cls, params: wanted))
+    results = {}
+    for check_mode in (True, False):
+        monkeypatch.setattr(build, "IsoReader", lambda runner, wanted_: FakeReader(first, after))
+        results[check_mode] = build.run(Recorder(), {}, check_mode)
+    planned = [operation.text for operation in state.plan(wanted, first)]
+    assert results[True].operations == planned
+    assert [text for text in results[False].operations if text != "removed user alice"] == planned
+    # What a step found is listed before the step's own text.
+    real = results[False].operations
+    assert real.index("removed user alice") == real.index(
+        "removed the source's users, secrets, histories, logs and caches") - 1
+    assert carried_out == ["snapshot", "leave_out", "install", "clean", "build"]
+    assert results[True].changed and results[False].changed
+    assert results[True].diff == results[False].diff
+    assert "size" not in results[True].values and results[False].values["size"] == 7
+    assert results[False].warnings == ["a warning of the read"]
+    assert not os.listdir(tmp_path / "iso")  # the work tree and the temporary ISO are gone
