@@ -30,7 +30,9 @@ notes:
   - Runs as root on the target, with snapper driven without D-Bus (C(snapper --no-dbus)).
   - A lock in O(base_dir) serialises runs on one cache.
   - Check mode runs C(rsync --dry-run) to report what would be copied, and lists
-    the snapshots retention would delete. It refuses what a real run refuses.
+    the snapshots retention would delete. It refuses what a real run refuses, and
+    lists the steps a real run carries out (leftovers of an interrupted run removed,
+    C(.backup_meta) written, O(restore_dest) created).
   - Every path parameter is made canonical before any rule is checked (V(//),
     V(/./) and V(/../) are V(/); trailing slashes go), and the result reports the
     canonical form.
