@@ -19,7 +19,9 @@ How a resource uses it (backstore is the worked example):
    run carries out from that state; a real run applies it and reads the
    state again. An applier that must plan again after a first step (backstore
    removes an interrupted run's leftovers, then plans on the state they
-   leave) returns the state and the operations it carried out.
+   leave) returns the state and the operations it carried out; one that
+   knows the state it leaves (snapper_cache reads its cache again only when
+   it changed it) returns the whole Outcome.
 6. `Result.of(outcome, diff=..., values=...)` is what the module returns:
    `changed` is "the plan was not empty", `operations` are the texts, the
    diff is before/after, and `values` are the resource's own fields.
@@ -56,13 +58,16 @@ class Outcome:
 
 def execute(read, plan, apply, check_mode):
     """read() -> state; plan(state) -> [Operation]; apply(state, operations)
-    carries them out and returns None, or (state, operations) when it had to
-    plan again after a first step. Returns an Outcome."""
+    carries them out and returns None, (state, operations) when it had to
+    plan again after a first step, or the Outcome itself when it knows the
+    state afterwards. Returns an Outcome."""
     before = read()
     operations = plan(before)
     if check_mode or not operations:
         return Outcome(before, operations, before)
     replanned = apply(before, operations)
+    if isinstance(replanned, Outcome):
+        return replanned
     if replanned is not None:
         before, operations = replanned
     return Outcome(before, operations, read())

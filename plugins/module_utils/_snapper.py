@@ -39,6 +39,14 @@ def userdata_value(text):
     return value or "unknown"
 
 
+def config_settings(keep):
+    """The config values a cache keeping `keep` snapshots sets: our own
+    retention deletes what exceeds `keep`, and these keep snapper's timers in
+    step with it instead of fighting it."""
+    return {"TIMELINE_CREATE": "no", "NUMBER_CLEANUP": "yes", "NUMBER_LIMIT": str(keep),
+            "NUMBER_LIMIT_IMPORTANT": str(keep), "NUMBER_MIN_AGE": "0"}
+
+
 class Snapper:
     """Thin wrapper of the snapper command line (no D-Bus, as root)."""
 
@@ -59,12 +67,6 @@ class Snapper:
 
     def get_config(self):
         return json.loads(self.run("--jsonout", "-c", self.config, "get-config"))
-
-    def settings(self, keep):
-        # Our own retention deletes what exceeds `keep`; these keep snapper's
-        # timers in step with it instead of fighting it.
-        return {"TIMELINE_CREATE": "no", "NUMBER_CLEANUP": "yes", "NUMBER_LIMIT": str(keep),
-                "NUMBER_LIMIT_IMPORTANT": str(keep), "NUMBER_MIN_AGE": "0"}
 
     @contextlib.contextmanager
     def configs_lock(self):

@@ -30,7 +30,9 @@ notes:
   - Runs as root on the target, with snapper driven without D-Bus (C(snapper --no-dbus)).
   - A lock in O(base_dir) serialises runs on one cache.
   - Check mode runs C(rsync --dry-run) to report what would be copied, and lists
-    the snapshots retention would delete. It refuses what a real run refuses.
+    the snapshots retention would delete. It refuses what a real run refuses, and
+    lists the steps a real run carries out (leftovers of an interrupted run removed,
+    C(.backup_meta) written, O(restore_dest) created).
   - Every path parameter is made canonical before any rule is checked (V(//),
     V(/./) and V(/../) are V(/); trailing slashes go), and the result reports the
     canonical form.
@@ -312,13 +314,14 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheError
+from ansible_collections.liveclone.core.plugins.module_utils._cache_plan import Desired
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
-from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import CacheManager
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import run
 
 
 def main():
@@ -343,19 +346,19 @@ def main():
         required_if=[("state", "restored", ["restore_dest"])],
         supports_check_mode=True,
     )
-    manager = CacheManager(CommandRunner(module), module.params)
-    action = {"present": manager.backup, "absent": manager.remove, "restored": manager.restore}
+    carried_out = []
     try:
-        result = action[module.params["state"]](module.check_mode)
+        result = run(CommandRunner(module), Desired.from_params(module.params), module.check_mode, carried_out)
     except (CacheError, CommandError, BeneathError, LockError) as error:
-        module.fail_json(msg=str(error), operations=manager.operations)
+        module.fail_json(msg=str(error), operations=[str(operation) for operation in carried_out])
     except OSError as error:
-        module.fail_json(msg=describe_os_error(error), operations=manager.operations)
-    for warning in manager.warnings:
+        module.fail_json(msg=describe_os_error(error), operations=[str(operation) for operation in carried_out])
+    for warning in result.warnings:
         module.warn(warning)
+    values = result.module_result()
     if not module._diff:
-        result.pop("diff")
-    module.exit_json(**result)
+        values.pop("diff")
+    module.exit_json(**values)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,16 @@ def test_an_applier_that_plans_again_reports_what_it_carried_out():
     assert (outcome.before, [op.action for op in outcome.operations]) == (1, ["first", "extra"])
 
 
+def test_an_applier_that_knows_the_state_it_leaves_saves_the_last_read():
+    reads = []
+
+    def apply(state, operations):
+        return Outcome(state, operations + [Operation("done", "done")], "left")
+
+    outcome = execute(lambda: reads.append(1) or 0, lambda state: [Operation("first", "first")], apply, False)
+    assert (len(reads), outcome.after, [op.action for op in outcome.operations]) == (1, "left", ["first", "done"])
+
+
 def test_result_of_an_outcome():
     outcome = Outcome(before={"size": 1}, operations=[Operation("grow", "grow to 2", {"size": 2})], after={"size": 2})
     result = Result.of(outcome, diff={"before": {"size": 1}, "after": {"size": 2}}, values={"size": 2},

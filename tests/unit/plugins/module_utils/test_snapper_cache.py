@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
+from ansible_collections.liveclone.core.plugins.module_utils import _cache_apply as ca
+from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
+from ansible_collections.liveclone.core.plugins.module_utils._fs import canonical_path
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
 
@@ -17,13 +20,17 @@ def snapshot(name, date, kind="snapper"):
                        path="/x/" + name, read_only=True)
 
 
-def manager(**params):
+def params(**overrides):
     values = dict(base_dir="/mnt/test_backup", source="/", state="present",
                   snapper_config="distroclone-backup", versioning="auto", keep=3, exclude=[],
                   include_home=False, snapshot="on_change", checksum=False, restore_snapshot="latest",
-                  restore_dest=None, allow_restore_to_root=False, lock_timeout=1)
-    values.update(params)
-    return sc.CacheManager(None, values)
+                  restore_dest=None, restore_delete_extra=False, allow_restore_to_root=False, lock_timeout=1)
+    values.update(overrides)
+    return values
+
+
+def desired(**overrides):
+    return cp.Desired.from_params(params(**overrides))
 
 
 SNAPSHOTS = [
@@ -42,7 +49,7 @@ SNAPSHOTS = [
     (1, False, ["@2024-01-01_10:00", "@2025-01-01_10:00", "7", "8"]),
 ])
 def test_prune_list_keeps_the_newest_of_both_kinds(keep, adding, expected):
-    pruned = manager(keep=keep)._prune_list(SNAPSHOTS, adding)
+    pruned = cp.prune_list(SNAPSHOTS, keep, adding)
     assert [snap.name for snap in pruned] == expected
 
 
@@ -55,9 +62,9 @@ def test_prune_list_keeps_the_newest_of_both_kinds(keep, adding, expected):
 ])
 def test_versioning(wanted, fstype, snapper, expected):
     cache = cm.Cache(base_dir="/b", base_exists=True, base_fstype=fstype, snapper_installed=snapper)
-    chooser = manager(versioning=wanted)
-    assert chooser._versioning(cache) == expected
-    assert bool(chooser.warnings) == (wanted == "auto" and fstype != "btrfs")
+    versioning, warnings = cp.choose_versioning(desired(versioning=wanted), cache)
+    assert versioning == expected
+    assert bool(warnings) == (wanted == "auto" and fstype != "btrfs")
 
 
 @pytest.mark.parametrize("wanted, fstype, snapper, cache_is_dir, message", [
@@ -70,7 +77,14 @@ def test_versioning_refusals(wanted, fstype, snapper, cache_is_dir, message):
     cache = cm.Cache(base_dir="/b", base_exists=True, base_fstype=fstype, snapper_installed=snapper,
                      cache_exists=cache_is_dir, cache_is_subvolume=False)
     with pytest.raises(cm.CacheError, match=message):
-        manager(versioning=wanted)._versioning(cache)
+        cp.choose_versioning(desired(versioning=wanted), cache)
+
+
+def test_versioning_refuses_a_snapper_config_of_another_subvolume():
+    cache = cm.Cache(base_dir="/b", base_exists=True, base_fstype="btrfs", snapper_installed=True,
+                     snapper_subvolume="/elsewhere")
+    with pytest.raises(cm.CacheError, match="snapper config 'distroclone-backup' already manages /elsewhere"):
+        cp.choose_versioning(desired(), cache)
 
 
 @pytest.mark.parametrize("mode, changes, pending, expected", [
@@ -81,11 +95,8 @@ def test_versioning_refusals(wanted, fstype, snapper, cache_is_dir, message):
     ("never", 5, True, False),
 ])
 def test_wants_snapshot(mode, changes, pending, expected):
-    from ansible_collections.liveclone.core.plugins.module_utils._rsync import TransferStats
-
-    stats = TransferStats(changes=changes)
-    assert manager(snapshot=mode)._wants_snapshot("snapper", stats, pending) is expected
-    assert manager(snapshot=mode)._wants_snapshot("none", stats, pending) is False
+    assert cp.wants_snapshot(mode, "snapper", changes, pending) is expected
+    assert cp.wants_snapshot(mode, "none", changes, pending) is False
 
 
 def test_legacy_snapshots_of_one_minute_sort_by_counter():
@@ -108,20 +119,23 @@ class FakeRunner:
 
 
 def test_rsync_exit_24_is_a_warning():
-    copier = manager()
-    copier.runner = FakeRunner(24, ">f+++++++++ a\nNumber of regular files transferred: 1\n")
-    stats = copier._rsync("/src", "/dst", [], dry_run=False)
+    warnings = []
+    runner = FakeRunner(24, ">f+++++++++ a\nNumber of regular files transferred: 1\n")
+    stats = ca.rsync_copy(runner, "/src", "/dst", [], False, False, warnings, base_dir="/b")
     assert stats.files_transferred == 1
-    assert copier.warnings == ["some files vanished from /src while they were copied (rsync exit 24); "
-                               "the backup is otherwise complete"]
+    assert warnings == ["some files vanished from /src while they were copied (rsync exit 24); "
+                        "the backup is otherwise complete"]
 
 
 @pytest.mark.parametrize("rc", [1, 11, 23, -9])
 def test_other_rsync_failures_fail_before_any_snapshot(rc):
-    copier = manager()
-    copier.runner = FakeRunner(rc, "")
     with pytest.raises(cm.CacheError, match="the copy failed, so no snapshot was taken and .backup_meta"):
-        copier._rsync("/src", "/dst", [], dry_run=False)
+        ca.rsync_copy(FakeRunner(rc, ""), "/src", "/dst", [], False, False, [], base_dir="/b")
+
+
+def test_a_failed_restore_copy_says_the_snapshot_is_unchanged():
+    with pytest.raises(cm.CacheError, match="the snapshot is unchanged; restore_dest holds part of it"):
+        ca.rsync_copy(FakeRunner(23, ""), "/snap", "/dst", [], False, False, [])
 
 
 # --- trust: parameters, values written into files, links in the layout ---------
@@ -157,8 +171,8 @@ BASE_PARAMS = dict(base_dir="/mnt/b", source="/", snapper_config="distroclone-ba
     ({"lock_timeout": False}, "lock_timeout is false, a boolean"),
 ])
 def test_check_cache_params(overrides, refusal):
-    params = dict(BASE_PARAMS, **overrides)
-    problem = sc.check_cache_params(params, sc.canonical_path(params["base_dir"]))
+    values = dict(BASE_PARAMS, **overrides)
+    problem = cp.check_cache_params(values, canonical_path(values["base_dir"]))
     if refusal is None:
         assert problem is None
     else:
@@ -168,19 +182,42 @@ def test_check_cache_params(overrides, refusal):
 @pytest.mark.parametrize("keep, message", [(True, "a boolean"), (0, "keep is 0"), (-3, "keep is -3")])
 def test_keep_must_be_a_number_of_one_or_more(keep, message):
     with pytest.raises(cm.CacheError, match=message):
-        manager(keep=keep)._check_params()
+        desired(keep=keep)
+
+
+@pytest.mark.parametrize("lock_timeout, message", [(False, "a boolean"), (-1, "lock_timeout is -1")])
+def test_lock_timeout_must_be_a_number_of_zero_or_more(lock_timeout, message):
+    with pytest.raises(cm.CacheError, match=message):
+        desired(lock_timeout=lock_timeout)
 
 
 @pytest.mark.parametrize("raw, canonical", [
     ("//", "/"), ("/./", "/"), ("/../", "/"), ("/mnt/b/", "/mnt/b"), ("/mnt//b//.", "/mnt/b")])
 def test_path_parameters_are_canonical(raw, canonical):
-    chosen = manager(base_dir=raw, source=raw, restore_dest=raw)
+    chosen = desired(base_dir=raw, source=raw, restore_dest=raw)
     assert (chosen.base_dir, chosen.source, chosen.restore_dest) == (canonical,) * 3
 
 
 def test_base_dir_root_forms_are_refused():
     with pytest.raises(cm.CacheError, match="base_dir / would put the cache over the root filesystem"):
-        manager(base_dir="//")._check_base_path()
+        sc.check_base_path(desired(base_dir="//").base_dir)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "state restored needs restore_dest"),
+    ({"restore_dest": "srv/r"}, "state restored needs restore_dest"),
+    ({"restore_dest": "//"}, "restoring over / replaces the running system"),
+])
+def test_restore_dest_refusals(overrides, message):
+    with pytest.raises(cm.CacheError, match=message):
+        desired(state="restored", **overrides)
+
+
+def test_desired_is_frozen():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        desired().keep = 5
 
 
 def test_snapper_config_name_pattern_refuses_a_trailing_newline():

@@ -1,0 +1,381 @@
+# Copyright (c) liveclone.core contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# Private to the liveclone.core collection: not a public API.
+
+"""What snapper_cache is asked for (Desired) and its pure planners.
+
+Each state has a planner from (Desired, the state read) to a list of
+_plan.Operation; nothing here reads or changes the system. A backup's and a
+restore's copy changes what only rsync knows: in check mode its dry run
+stands for the copy (state.transfer), and the plan holds what the copy and
+the steps after it would do; a real run plans up to the copy, copies, and
+plans the steps after it with these same functions on what the copy did.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from ._cache import HOLDER_NAME, META_NAME, PENDING_NAME, Cache, CacheError
+from ._fs import canonical_path, check_path_text
+from ._plan import Operation
+from ._roottree import default_base_dir
+from ._rsync import TransferStats
+from ._snapper import config_settings
+from ._text import check_plain_text, check_snapper_name
+
+# What restore_snapshot may name: latest, a snapper number, a legacy snapshot.
+RESTORE_SNAPSHOT = re.compile(r"latest|[0-9]{1,9}|@\d{4}-\d{2}-\d{2}_\d{2}:\d{2}(?:_\d{1,9})?")
+
+# base_dir goes into snapper's config as SUBVOLUME="...": what double quotes do not hold as text.
+SNAPPER_QUOTED = re.compile(r'["\\$`]')
+# An --exclude argument rsync reads as a rule, not a pattern: "!" clears every
+# exclusion (the standard ones too), "+ " and "- " prefixes make includes.
+RSYNC_RULE = re.compile(r"!|[+-] .*", re.S)
+
+
+def check_cache_params(params, base_dir):
+    """The refusal of the parameters every state shares, or None: text that
+    would break the files and argv they go into, and numbers out of range."""
+    for name in ("base_dir", "source", "restore_dest"):
+        problem = check_path_text(name, params.get(name))
+        if problem:
+            return problem
+    if SNAPPER_QUOTED.search(base_dir):
+        return ("base_dir %r holds one of \" \\ $ `, which snapper's config (SUBVOLUME=\"...\") cannot hold "
+                "as text; choose a path without them" % base_dir)
+    problem = check_snapper_name("snapper_config", params["snapper_config"])
+    if problem:
+        return problem
+    for pattern in params.get("exclude") or []:
+        problem = check_plain_text("exclude item %r" % pattern, pattern)
+        if problem:
+            return problem
+        if RSYNC_RULE.fullmatch(pattern):
+            return ("exclude item %r is read by rsync as a filter rule, not a pattern ('!' clears every "
+                    "exclusion, '+ ' and '- ' start rules); give a path pattern such as /srv/scratch/*" % pattern)
+    wanted = params.get("restore_snapshot")
+    if wanted is not None and not (isinstance(wanted, str) and RESTORE_SNAPSHOT.fullmatch(wanted)):
+        return ("restore_snapshot %r is not a snapshot name; give latest, a snapper number such as 3, or a "
+                "legacy name such as @2026-06-17_14:30" % (wanted,))
+    for name, least, what in (("keep", 1, "how many snapshots retention keeps"),
+                              ("lock_timeout", 0, "the seconds to wait for another run on the same base_dir")):
+        value = params.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            return "%s is %s, a boolean; set %s to a number, %d or more (%s)" % (
+                name, str(value).lower(), name, least, what)
+    return None
+
+
+@dataclass(frozen=True)
+class Desired:
+    """The module's parameters, checked, with every path in canonical form."""
+
+    state: str
+    base_dir: str
+    source: str
+    snapper_config: str
+    versioning: str
+    keep: int
+    exclude: tuple
+    include_home: bool
+    snapshot: str
+    checksum: bool
+    restore_snapshot: str
+    restore_dest: str | None
+    restore_delete_extra: bool
+    allow_restore_to_root: bool
+    lock_timeout: int
+
+    @classmethod
+    def from_params(cls, params):
+        # Canonical before any rule: `//` is `/`, trailing slashes and `/./` go.
+        base_dir = canonical_path(params["base_dir"] or default_base_dir())
+        problem = check_cache_params(params, base_dir)
+        if problem:
+            raise CacheError(problem)
+        if params["keep"] < 1:
+            raise CacheError("keep is %d; retention keeps at least 1 snapshot, so set keep: 1 or "
+                             "more (or versioning: none for no versions)" % params["keep"])
+        if params["lock_timeout"] < 0:
+            raise CacheError("lock_timeout is %d; set lock_timeout to 0 or more (the seconds to wait "
+                             "for another run on the same base_dir)" % params["lock_timeout"])
+        desired = cls(
+            state=params.get("state") or "present", base_dir=base_dir,
+            source=canonical_path(params.get("source") or "/"), snapper_config=params["snapper_config"],
+            versioning=params.get("versioning") or "auto", keep=params["keep"],
+            exclude=tuple(params.get("exclude") or ()), include_home=bool(params.get("include_home")),
+            snapshot=params.get("snapshot") or "on_change", checksum=bool(params.get("checksum")),
+            restore_snapshot=params.get("restore_snapshot") or "latest",
+            restore_dest=canonical_path(params.get("restore_dest")),
+            restore_delete_extra=bool(params.get("restore_delete_extra")),
+            allow_restore_to_root=bool(params.get("allow_restore_to_root")),
+            lock_timeout=params["lock_timeout"])
+        if desired.state == "restored":
+            dest = desired.restore_dest
+            if not dest or not os.path.isabs(dest):
+                raise CacheError("state restored needs restore_dest, an absolute path to copy the snapshot into")
+            if dest == "/" and not desired.allow_restore_to_root:
+                raise CacheError("restoring over / replaces the running system; set allow_restore_to_root: "
+                                 "true if that is really meant")
+        return desired
+
+
+# --- the state each planner reads --------------------------------------------
+
+@dataclass
+class BackupState:
+    cache: Cache
+    versioning: str  # chosen by choose_versioning
+    excludes: list
+    stale_files: list = field(default_factory=list)  # temporary files of a killed run, names in base_dir
+    snapper_settings: dict | None = None  # the config's values, when snapper manages the cache already
+    transfer: TransferStats | None = None  # check mode: rsync's dry run, standing for the copy
+
+
+@dataclass
+class RemoveState:
+    cache: Cache
+    files: list = field(default_factory=list)  # .backup_meta and the module's own files present
+
+
+@dataclass
+class RestoreState:
+    cache: Cache
+    snapshot: object  # the _cache.Snapshot restored
+    excludes: list
+    dest_exists: bool
+    listing: TransferStats | None = None  # rsync's dry run into restore_dest, when one was read
+    transfer: TransferStats | None = None  # check mode: that dry run, standing for the copy
+
+
+# --- decisions ---------------------------------------------------------------
+
+def choose_versioning(desired, cache):
+    """(versioning, warnings): what the cache is versioned with, or the refusal."""
+    wanted = desired.versioning
+    btrfs = cache.base_fstype == "btrfs"
+    warnings = []
+    if wanted == "auto":
+        if btrfs:
+            versioning = "snapper" if cache.snapper_installed else "btrfs"
+        else:
+            warnings.append("%s is on %s, not btrfs: the cache is a plain rsync copy with no versions"
+                            % (desired.base_dir, cache.base_fstype))
+            versioning = "none"
+    elif wanted in ("snapper", "btrfs") and not btrfs:
+        raise CacheError("versioning %s needs base_dir on btrfs, and %s is on %s; use "
+                         "versioning: none, or put base_dir on a btrfs volume"
+                         % (wanted, desired.base_dir, cache.base_fstype))
+    elif wanted == "snapper" and not cache.snapper_installed:
+        raise CacheError("versioning snapper needs snapper installed on this host; install "
+                         "it, or use versioning: btrfs")
+    else:
+        versioning = wanted
+    if versioning != "none" and cache.cache_exists and not cache.cache_is_subvolume:
+        raise CacheError("%s is a plain directory, so it cannot be snapshotted; remove the "
+                         "cache (state: absent) and back up again to convert it, or use "
+                         "versioning: none" % cache.cache_dir)
+    if versioning == "snapper" and cache.snapper_registered and not cache.snapper_manages_cache:
+        raise CacheError("snapper config %r already manages %s, not %s; choose another "
+                         "snapper_config" % (desired.snapper_config, cache.snapper_subvolume, cache.cache_dir))
+    return versioning, warnings
+
+
+def prune_list(snapshots, keep, adding):
+    """The snapshots retention deletes, oldest first; with adding, one more is about to be taken."""
+    keep -= 1 if adding else 0
+    ordered = sorted(snapshots, key=lambda snap: snap.order)
+    return ordered[:max(len(ordered) - keep, 0)]
+
+
+def wants_snapshot(mode, versioning, changes, pending):
+    if versioning == "none" or mode == "never":
+        return False
+    return mode == "always" or bool(changes) or pending
+
+
+def pick_snapshot(cache, wanted):
+    """The snapshot restore_snapshot names (latest, or by name), or the refusal."""
+    snapshot = cache.newest() if wanted == "latest" else next(
+        (snap for snap in cache.snapshots if snap.name == wanted), None)
+    if snapshot is None:
+        names = ", ".join(snap.name for snap in sorted(cache.snapshots, key=lambda s: s.order)) or "none"
+        raise CacheError("snapshot %s is not in %s (snapshots: %s)" % (wanted, cache.base_dir, names))
+    return snapshot
+
+
+# --- texts of the copies, as planned (done=False) and as carried out ----------
+
+def copy_text(stats, source, cache, done):
+    if not stats.changes:
+        return None
+    return "%s %d changes from %s to %s (%d files, %d bytes%s)" % (
+        "copied" if done else "copy", stats.changes, source, cache.cache_dir, stats.files_transferred,
+        stats.bytes_transferred, ", %d deleted" % stats.files_deleted if stats.files_deleted else "")
+
+
+def restore_operations(snapshot, dest, stats, done):
+    """What a copy of snapshot into dest changed (or, planned, changes)."""
+    operations = []
+    if stats.changes:
+        operations.append(Operation("restore", "%s snapshot %s into %s (%d changes, %d bytes, %d deleted)" % (
+            "restored" if done else "restore", snapshot.name, dest, stats.changes, stats.bytes_transferred,
+            stats.files_deleted)))
+    if stats.files_deleted:
+        # Done by the copy itself (rsync --delete): listed for the user, not a step of its own.
+        operations.append(Operation("deleted_by_copy", "%s %d files in %s that snapshot %s lacks (%s%s)" % (
+            "deleted" if done else "delete", stats.files_deleted, dest, snapshot.name,
+            ", ".join(stats.deleted_paths[:5]), ", ..." if stats.files_deleted > 5 else "")))
+    return operations
+
+
+# --- the planners ------------------------------------------------------------
+
+def _settings_text(keep):
+    return " ".join("%s=%s" % item for item in sorted(config_settings(keep).items()))
+
+
+def plan_layout(desired, state):
+    """The leftovers of a killed run to remove, then what the layout lacks."""
+    cache, versioning = state.cache, state.versioning
+    operations = []
+    for name in state.stale_files:
+        path = os.path.join(cache.base_dir, name)
+        operations.append(Operation("remove_stale", "remove %s left by an interrupted run" % path,
+                                    {"name": name, "done": "removed %s left by an interrupted run" % path}))
+    for relative in cache.incomplete:
+        path = os.path.join(cache.base_dir, relative)
+        operations.append(Operation(
+            "remove_incomplete", "remove the incomplete snapshot %s" % path,
+            {"relative": relative, "done": "removed the incomplete snapshot %s left by an interrupted run" % path}))
+    if not cache.cache_exists:
+        kind = "btrfs subvolume" if versioning != "none" else "directory"
+        operations.append(Operation("create_cache", "create the %s %s" % (kind, cache.cache_dir)))
+    settings = config_settings(desired.keep)
+    set_config = Operation("set_config", "set snapper config %s: %s" % (
+        desired.snapper_config, _settings_text(desired.keep)))
+    if versioning == "snapper":
+        if not cache.snapper_manages_cache:
+            operations.append(Operation("create_config", "create snapper config %s for %s" % (
+                desired.snapper_config, cache.cache_dir)))
+            operations.append(set_config)
+        elif any((state.snapper_settings or {}).get(key) != value for key, value in settings.items()):
+            operations.append(set_config)
+    elif versioning == "btrfs" and not cache.snapshots_dir_exists:
+        operations.append(Operation("create_snapshots_dir", "create the btrfs subvolume %s" % cache.snapshots_dir))
+    return operations
+
+
+def plan_versions(desired, state, transfer):
+    """After a copy that made transfer: the snapshot and .backup_meta."""
+    cache, versioning = state.cache, state.versioning
+    operations = []
+    snapshotting = wants_snapshot(desired.snapshot, versioning, transfer.changes, cache.pending)
+    if snapshotting:
+        operations.append(Operation("snapshot", "take a %s snapshot of %s" % (versioning, cache.cache_dir)))
+    if transfer.changes or cache.pending or snapshotting:
+        operations.append(Operation("write_meta", "write %s" % cache.meta_path,
+                                    {"done": "wrote %s" % cache.meta_path}))
+    return operations
+
+
+def plan_prune(desired, versioning, snapshots, adding):
+    """Retention: every snapshot beyond keep, oldest first."""
+    if versioning == "none":
+        return []
+    return [Operation("prune", "delete snapshot %s" % snap.name,
+                      {"snapshot": snap, "done": "deleted snapshot %s" % snap.name})
+            for snap in prune_list(snapshots, desired.keep, adding)]
+
+
+def plan_backup(desired, state):
+    """The whole backup when state.transfer says what the copy changes (check
+    mode); else up to the copy, after which the applier plans the rest."""
+    operations = plan_layout(desired, state)
+    transfer = state.transfer
+    if transfer is None:
+        operations.append(Operation("copy", "copy %s to %s" % (desired.source, state.cache.cache_dir)))
+        return operations
+    text = copy_text(transfer, desired.source, state.cache, done=False)
+    if text:
+        operations.append(Operation("copy", text))
+    versions = plan_versions(desired, state, transfer)
+    adding = any(operation.action == "snapshot" for operation in versions)
+    return operations + versions + plan_prune(desired, state.versioning, state.cache.snapshots, adding)
+
+
+def plan_remove(desired, state):
+    """Read-only snapshots first (rm -rf cannot remove them), then snapper's
+    config while its subvolume still exists, then the subvolumes and files."""
+    cache = state.cache
+    operations = [Operation("delete_snapshot", "delete snapshot %s" % snap.name, {"snapshot": snap})
+                  for snap in sorted(cache.snapshots, key=lambda s: s.order)]
+    operations += [Operation("remove_incomplete", "delete the incomplete snapshot %s"
+                             % os.path.join(cache.base_dir, relative), {"relative": relative})
+                   for relative in cache.incomplete]
+    if cache.snapper_manages_cache:
+        operations.append(Operation("delete_config", "delete snapper config %s" % desired.snapper_config))
+    if cache.snapshots_dir_exists:
+        operations.append(Operation("delete_snapshots_dir", "delete %s" % cache.snapshots_dir))
+    if cache.cache_exists:
+        operations.append(Operation("delete_cache", "delete %s" % cache.cache_dir))
+    for name in (META_NAME, HOLDER_NAME, PENDING_NAME):
+        if name in state.files:
+            operations.append(Operation("delete_file", "delete %s" % os.path.join(cache.base_dir, name),
+                                        {"name": name}))
+    return operations
+
+
+def plan_restore(desired, state):
+    """The restore of state.snapshot into restore_dest; refuses to delete what
+    the snapshot lacks there unless restore_delete_extra."""
+    dest, snapshot, listing = desired.restore_dest, state.snapshot, state.listing
+    if listing is not None and listing.files_deleted and not desired.restore_delete_extra:
+        raise CacheError(
+            "restore_dest %s is not empty: restoring snapshot %s there would delete %d files that the "
+            "snapshot lacks (%s%s). Set restore_delete_extra: true to delete them, or restore into an "
+            "empty or new directory. Nothing was changed." % (
+                dest, snapshot.name, listing.files_deleted, ", ".join(listing.deleted_paths[:5]),
+                ", ..." if listing.files_deleted > 5 else ""))
+    operations = [] if state.dest_exists else [Operation("create_dest", "create %s" % dest)]
+    if state.transfer is None:
+        return operations + [Operation("restore", "restore snapshot %s into %s" % (snapshot.name, dest))]
+    return operations + restore_operations(snapshot, dest, state.transfer, done=False)
+
+
+# --- what the module returns -------------------------------------------------
+
+def diff_view(view):
+    return {"exists": view["exists"], "snapshots": [snap["name"] for snap in view["snapshots"]],
+            "metadata": view["metadata"]}
+
+
+def planned_view(view, operations):
+    """The diff's after-state of a check-mode run: the before-state with the plan's operations on it."""
+    after = diff_view(view)
+    for operation in operations:
+        if operation.action == "create_cache":
+            after["exists"] = True
+        elif operation.action == "delete_cache":
+            after["exists"] = False
+        elif operation.action == "snapshot":
+            after["snapshots"].append("(new)")
+        elif operation.action in ("prune", "delete_snapshot"):
+            after["snapshots"].remove(operation.args["snapshot"].name)
+        elif operation.action == "delete_file" and operation.args["name"] == META_NAME:
+            after["metadata"] = None
+    return after
+
+
+def cache_values(cache, versioning, transfer=None, created=None, pruned=()):
+    """The module's values: the cache as it is, then what this run did to it."""
+    values = cache.view()
+    values.update(versioning=versioning, snapshot_created=created,
+                  snapshots_pruned=[snap.view() for snap in pruned],
+                  transfer=transfer.view() if transfer else None)
+    return values
