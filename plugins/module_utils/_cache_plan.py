@@ -201,8 +201,7 @@ def wants_snapshot(mode, versioning, changes, pending):
 
 def pick_snapshot(cache, wanted):
     """The snapshot restore_snapshot names (latest, or by name), or the refusal."""
-    snapshot = cache.newest() if wanted == "latest" else next(
-        (snap for snap in cache.snapshots if snap.name == wanted), None)
+    snapshot = cache.snapshot_named(wanted)
     if snapshot is None:
         names = ", ".join(snap.name for snap in sorted(cache.snapshots, key=lambda s: s.order)) or "none"
         raise CacheError("snapshot %s is not in %s (snapshots: %s)" % (wanted, cache.base_dir, names))
