@@ -19,9 +19,9 @@ import re
 from dataclasses import dataclass, field
 
 from ._cache import HOLDER_NAME, META_NAME, PENDING_NAME, Cache, CacheError
+from ._cache_options import cache_directory
 from ._fs import canonical_path, check_path_text
 from ._plan import Operation
-from ._roottree import default_base_dir
 from ._rsync import TransferStats
 from ._snapper import config_settings
 from ._text import check_plain_text, check_snapper_name
@@ -94,7 +94,7 @@ class Desired:
     @classmethod
     def from_params(cls, params):
         # Canonical before any rule: `//` is `/`, trailing slashes and `/./` go.
-        base_dir = canonical_path(params["base_dir"] or default_base_dir())
+        base_dir = canonical_path(cache_directory(params["base_dir"]))
         problem = check_cache_params(params, base_dir)
         if problem:
             raise CacheError(problem)

@@ -33,7 +33,7 @@ from ._btrfs import Btrfs, is_subvolume
 from ._command import CommandError
 from ._fs import is_within, read_mounts, write_atomically
 from ._iso_boot import BootMaker
-from ._iso_desired import WORK_PREFIX, Desired, IsoError
+from ._iso_desired import WORK_PREFIX, IsoError
 from ._iso_image import ImageEditor, remove_excluded
 from ._iso_state import MANIFEST_VERSION, STALE_ACTIONS, IsoReader, diff_view, hash_file, plan, sha256_of
 from ._lock import DEFAULT_TIMEOUT, Lock
@@ -218,10 +218,8 @@ def describe(desired, current, stages):
     return values
 
 
-def run(runner, params, check_mode):
+def run(runner, desired, check_mode):
     """Read, plan and (unless check_mode) apply; returns a _plan.Result."""
-    # Every value is checked before anything is read or written, in check mode too.
-    desired = Desired.from_params(params)
     reader = IsoReader(runner, desired)
     applier = IsoApplier(runner, desired)
     # One build at a time per directory of ISOs.

@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+from ._cache_options import cache_directory
 from ._fs import canonical_path, check_path_text, check_real_path
 from ._text import (
     check_boot_param,
@@ -78,7 +79,10 @@ class Desired:
     @classmethod
     def from_params(cls, params):
         """The module's parameters, checked (IsoError for the first problem)."""
-        params = canonical_params(dict(DEFAULTS, **params))
+        params = dict(DEFAULTS, **params)
+        if params["source"] == "cache":
+            params["cache_dir"] = cache_directory(params["cache_dir"])
+        params = canonical_params(params)
         check_params(params)
         values = {field.name: params[field.name] for field in fields(cls)}
         for name in ("boot_params", "exclude", "keep_users", "checksums"):

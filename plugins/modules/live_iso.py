@@ -41,6 +41,7 @@ author:
 extends_documentation_fragment:
   - liveclone.core._attributes
   - liveclone.core._attributes.ALL_SUPPORTED
+  - liveclone.core._cache
 requirements:
   - squashfs-tools, xorriso, grub-common, grub-pc-bin, grub-efi-amd64-bin, mtools,
     openssl, rsync, btrfs-progs on the host that builds (never in the image source)
@@ -69,16 +70,11 @@ options:
     default: cache
   cache_dir:
     description:
-      - The O(liveclone.core.snapper_cache#module:base_dir) of the cache, with O(source=cache).
+      - The O(liveclone.core.snapper_cache#module:base_dir) of the cache, with O(source=cache). Omitted or
+        empty, the same default as that option, C(/mnt/<ID>_backup) with ID from the target's C(/etc/os-release).
       - Made canonical first; not V(/), not through a symlink, no control character. A C(.rootfs_cache) or a
         snapshot in it that is a symlink is never followed; the build is refused.
     type: path
-  snapper_config:
-    description:
-      - The snapper config of that cache; letters, digits, C(-), C(_) and C(.), starting with a letter or digit,
-        at most 64.
-    type: str
-    default: distroclone-backup
   snapshot:
     description:
       - The snapshot to build from, V(latest) or its name as M(liveclone.core.snapper_cache) returns it
@@ -262,13 +258,14 @@ operations:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
+from ansible_collections.liveclone.core.plugins.module_utils._cache_options import cache_argument_spec
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._iso_build import run
-from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import IsoError
+from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import Desired, IsoError
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
 
@@ -277,8 +274,7 @@ def main():
         argument_spec=dict(
             dest=dict(type="path", required=True),
             source=dict(type="str", choices=["cache", "path", "live"], default="cache"),
-            cache_dir=dict(type="path"),
-            snapper_config=dict(type="str", default="distroclone-backup"),
+            **cache_argument_spec("cache_dir"),
             snapshot=dict(type="str", default="latest"),
             source_path=dict(type="path"),
             label=dict(type="str", default="LIVECLONE"),
@@ -300,11 +296,12 @@ def main():
             checksums=dict(type="list", elements="str", choices=["sha256", "md5"], default=["sha256"]),
             force=dict(type="bool", default=False),
         ),
-        required_if=[("source", "cache", ["cache_dir"]), ("source", "path", ["source_path"])],
+        required_if=[("source", "path", ["source_path"])],
         supports_check_mode=True,
     )
     try:
-        result = run(CommandRunner(module), module.params, module.check_mode)
+        # Every value is checked before anything is read or written, in check mode too.
+        result = run(CommandRunner(module), Desired.from_params(module.params), module.check_mode)
     except (IsoError, CommandError, BeneathError, LockError) as error:
         module.fail_json(msg=str(error))
     except OSError as error:

@@ -24,6 +24,8 @@ author:
 extends_documentation_fragment:
   - liveclone.core._attributes
   - liveclone.core._attributes.ALL_SUPPORTED
+  - liveclone.core._cache
+  - liveclone.core._cache.BASE_DIR
 requirements:
   - rsync, btrfs-progs, util-linux (C(findmnt)); snapper for O(versioning=snapper)
 notes:
@@ -57,17 +59,6 @@ notes:
     userdata, and C(.backup_meta) escapes C(\) C(") C($) C(`), so a hostile value adds no
     line, key or shell code.
 options:
-  base_dir:
-    description:
-      - Directory holding the cache, usually where the backup volume is mounted.
-        It must exist. Defaults to C(/mnt/<ID>_backup), with ID from the target's
-        C(/etc/os-release) (V(linux) when ID is not a plain name), as DistroClone Backup does.
-      - Absolute, and not V(/) in any spelling (V(//), V(/./)...). It must not run
-        through a symlink nor lie on a kernel filesystem, and must be writable
-        (a read-only mount is refused) for O(state=present) and O(state=absent).
-      - No control characters, and none of C(") C(\) C($) C(`), since snapper writes it into
-        its config as C(SUBVOLUME="...").
-    type: path
   source:
     description:
       - Root of the tree to back up; no control characters. Symlinks in it are copied as symlinks.
@@ -82,12 +73,6 @@ options:
     type: str
     choices: [present, absent, restored]
     default: present
-  snapper_config:
-    description:
-      - Name of the snapper config of the cache; 1 to 64 of letters, digits, C(-), C(_)
-        and C(.), starting with a letter or digit (the whole value, so a trailing newline is refused).
-    type: str
-    default: distroclone-backup
   versioning:
     description:
       - V(auto) uses snapper when O(base_dir) is on btrfs and snapper is installed,
@@ -314,6 +299,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheError
+from ansible_collections.liveclone.core.plugins.module_utils._cache_options import cache_argument_spec
 from ansible_collections.liveclone.core.plugins.module_utils._cache_plan import Desired
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
@@ -327,10 +313,9 @@ from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache impo
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            base_dir=dict(type="path"),
+            **cache_argument_spec(),
             source=dict(type="path", default="/"),
             state=dict(type="str", choices=["present", "absent", "restored"], default="present"),
-            snapper_config=dict(type="str", default="distroclone-backup"),
             versioning=dict(type="str", choices=["auto", "snapper", "btrfs", "none"], default="auto"),
             keep=dict(type="int", default=10),
             exclude=dict(type="list", elements="str", default=[]),

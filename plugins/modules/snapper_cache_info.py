@@ -16,26 +16,14 @@ author:
 extends_documentation_fragment:
   - liveclone.core._attributes
   - liveclone.core._attributes.INFO_MODULE
+  - liveclone.core._cache
+  - liveclone.core._cache.BASE_DIR
 notes:
   - Nothing in O(base_dir) is followed through a symlink. A C(.rootfs_cache) or
     C(.snapshots) that is a link (or no directory, a mount point, on another
     filesystem) and a C(.backup_meta) that is a directory fail the task with a
     message; entries of C(.snapshots) that are links or no subvolumes are not
     snapshots and are named in a warning.
-options:
-  base_dir:
-    description:
-      - Directory holding the cache. Defaults to C(/mnt/<ID>_backup), with ID
-        from the target's C(/etc/os-release).
-      - Made canonical first (V(//) and V(/./) are V(/)); absolute, not V(/), no
-        control characters.
-    type: path
-  snapper_config:
-    description:
-      - Name of the snapper config of the cache; 1 to 64 of letters, digits, C(-), C(_)
-        and C(.), starting with a letter or digit (a trailing newline is refused).
-    type: str
-    default: distroclone-backup
 seealso:
   - module: liveclone.core.snapper_cache
 """
@@ -82,6 +70,10 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheReader
+from ansible_collections.liveclone.core.plugins.module_utils._cache_options import (
+    cache_argument_spec,
+    cache_directory,
+)
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
     CommandError,
     CommandRunner,
@@ -91,7 +83,6 @@ from ansible_collections.liveclone.core.plugins.module_utils._fs import (
     check_path_text,
     describe_os_error,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._roottree import default_base_dir
 from ansible_collections.liveclone.core.plugins.module_utils._snapper import Snapper
 from ansible_collections.liveclone.core.plugins.module_utils._text import check_snapper_name
 
@@ -110,14 +101,11 @@ def check_params(base_dir, snapper_config):
 
 def main():
     module = AnsibleModule(
-        argument_spec=dict(
-            base_dir=dict(type="path"),
-            snapper_config=dict(type="str", default="distroclone-backup"),
-        ),
+        argument_spec=cache_argument_spec(),
         supports_check_mode=True,
     )
     runner = CommandRunner(module)
-    base_dir = canonical_path(module.params["base_dir"] or default_base_dir())
+    base_dir = canonical_path(cache_directory(module.params["base_dir"]))
     problem = check_params(base_dir, module.params["snapper_config"])
     if problem:
         module.fail_json(msg=problem)

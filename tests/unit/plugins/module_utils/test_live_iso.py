@@ -550,11 +550,10 @@ def test_check_mode_and_a_real_run_carry_the_same_plan(tmp_path, monkeypatch):
         monkeypatch.setattr(build.IsoApplier, "_" + name, step(name))
     monkeypatch.setattr(build, "enter_private_mount_namespace", lambda runner: None)
     monkeypatch.setattr(build, "Lock", lambda *args: contextlib.nullcontext())
-    monkeypatch.setattr(build.Desired, "from_params", classmethod(lambda cls, params: wanted))
     results = {}
     for check_mode in (True, False):
         monkeypatch.setattr(build, "IsoReader", lambda runner, wanted_: FakeReader(first, after))
-        results[check_mode] = build.run(Recorder(), {}, check_mode)
+        results[check_mode] = build.run(Recorder(), wanted, check_mode)
     planned = [operation.text for operation in state.plan(wanted, first)]
     assert results[True].operations == planned
     assert [text for text in results[False].operations if text != "removed user alice"] == planned
