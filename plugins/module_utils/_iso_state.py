@@ -81,8 +81,13 @@ def read_manifest(desired):
 
 
 def is_up_to_date(desired, manifest, source, digest):
+    """Whether no build is due: the ISO at dest is current, and force is off."""
+    return not desired.force and is_current(desired, manifest, source, digest)
+
+
+def is_current(desired, manifest, source, digest):
     """Whether the ISO at dest is what this source and these options make."""
-    if desired.force or manifest is None:
+    if manifest is None:
         return False
     if (manifest.get("version") != MANIFEST_VERSION or manifest.get("source_identity") != source.identity
             or manifest.get("options_digest") != digest):
@@ -109,8 +114,9 @@ class IsoReader:
     def read(self):
         if self._first is not None:
             manifest = read_manifest(self.desired)
+            # After a build: what it made is current, forced or not.
             return Current(self._first.source, self._first.options_digest, manifest,
-                           is_up_to_date(self.desired, manifest, self._first.source, self._first.options_digest),
+                           is_current(self.desired, manifest, self._first.source, self._first.options_digest),
                            self._first.work_parent)
         desired = self.desired
         source = resolve_source(self.runner, desired, self.warnings)
