@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import re
 from dataclasses import dataclass, field
@@ -100,24 +99,80 @@ def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=Fal
     return argv + [source.rstrip("/") + "/", dest.rstrip("/") + "/"]
 
 
+def _wildcard_regex(pattern):
+    """The regex of one rsync pattern: * and ? stay within a component, **
+    crosses them, [...] is a class, and a backslash makes the next character
+    literal (as literal_pattern writes it)."""
+    out, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif char == "*":
+            out.append("[^/]*")
+            i += 1
+        elif char == "?":
+            out.append("[^/]")
+            i += 1
+        elif char == "[" and _class_end(pattern, i) > 0:
+            end = _class_end(pattern, i)
+            body = pattern[i + 1:end]
+            negated = body[:1] in ("!", "^")
+            members = "".join(c if c == "-" else re.escape(c) for c in body[negated:])
+            out.append("[%s%s]" % ("^" if negated else "", members))
+            i = end + 1
+        else:
+            out.append(re.escape(char))
+            i += 1
+    return "".join(out)
+
+
+def _class_end(pattern, start):
+    """The index of the ] closing the class opened at start, or -1."""
+    i = start + 1
+    if pattern[i:i + 1] in ("!", "^"):
+        i += 1
+    if pattern[i:i + 1] == "]":
+        i += 1
+    return pattern.find("]", i)
+
+
 @functools.lru_cache(maxsize=16)
 def _exclusion_regexes(patterns):
-    """(anchored, floating) regexes of --exclude patterns, or None for an empty group."""
-    anchored = [fnmatch.translate(p.rstrip("/")) for p in patterns if p.startswith("/")]
-    floating = [fnmatch.translate(p.rstrip("/")) for p in patterns if not p.startswith("/")]
-    return tuple(re.compile("|".join(group)) if group else None for group in (anchored, floating))
+    """(anchored, full, component) regexes of --exclude patterns, None for an
+    empty group. rsync matches a pattern starting with / against the whole
+    path; one with another / or ** against the path's end, at a component
+    boundary; any other against the last component."""
+    groups = ([], [], [])
+    for pattern in patterns:
+        pattern = pattern.rstrip("/")
+        if pattern.startswith("/"):
+            groups[0].append(_wildcard_regex(pattern))
+        elif "/" in pattern or "**" in pattern:
+            groups[1].append("(?:.*/)?" + _wildcard_regex(pattern))
+        else:
+            groups[2].append(_wildcard_regex(pattern))
+    return tuple(re.compile("|".join("(?:%s)" % regex for regex in group)) if group else None
+                 for group in groups)
 
 
 def is_excluded(relative, patterns):
     """Whether rsync would leave `relative` (a /-anchored path) out of a copy
-    with these --exclude patterns: one starting with / matches the path or a
-    directory on its way, any other one a component of it."""
-    anchored, floating = _exclusion_regexes(tuple(patterns))
+    with these --exclude patterns: the path, or a directory on its way (rsync
+    does not descend into an excluded directory), matches one of them."""
+    anchored, full, component = _exclusion_regexes(tuple(patterns))
     parts = relative.strip("/").split("/")
     for depth in range(1, len(parts) + 1):
-        if anchored and anchored.match("/" + "/".join(parts[:depth])):
+        path = "/".join(parts[:depth])
+        if anchored and anchored.fullmatch("/" + path):
             return True
-        if floating and floating.match(parts[depth - 1]):
+        if full and full.fullmatch(path):
+            return True
+        if component and component.fullmatch(parts[depth - 1]):
             return True
     return False
 

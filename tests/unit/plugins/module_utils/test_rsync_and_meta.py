@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils._backup_meta import (
@@ -140,3 +142,41 @@ def test_is_excluded(relative, patterns, expected):
     ("/srv/a*b", "/srv/a\\*b"), ("/srv/[x]?", "/srv/\\[x]\\?"), ("/srv/plain", "/srv/plain")])
 def test_literal_pattern_escapes_what_rsync_reads_as_wildcards(path, pattern):
     assert literal_pattern(path) == pattern
+
+
+# Each pattern against paths rsync leaves out or keeps: the same table is
+# checked against rsync itself below.
+RSYNC_PATTERN_CASES = [
+    ("/srv/*/cache", ["srv/a/cache"], ["srv/a/b/cache"]),
+    ("/srv/**/cache", ["srv/a/cache", "srv/a/b/cache"], ["srv/cache2"]),
+    ("cache", ["cache", "srv/cache", "srv/a/cache/x"], ["srv/cachex"]),
+    ("a/cache", ["a/cache", "srv/a/cache"], ["srv/xa/cache", "cache"]),
+    ("/srv/a\\*b", ["srv/a*b"], ["srv/axb"]),
+    ("/srv/f[0-9]", ["srv/f1"], ["srv/fx", "srv/f12"]),
+    ("/srv/g[!0-9]", ["srv/gx"], ["srv/g1"]),
+    ("/srv/h?", ["srv/h1"], ["srv/h12"]),
+    ("*.iso", ["x.iso", "srv/y.iso"], ["srv/y.isox"]),
+]
+
+
+@pytest.mark.parametrize("pattern, left_out, kept", RSYNC_PATTERN_CASES)
+def test_is_excluded_follows_rsyncs_wildcards(pattern, left_out, kept):
+    for path in left_out:
+        assert is_excluded("/" + path, [pattern]), path
+    for path in kept:
+        assert not is_excluded("/" + path, [pattern]), path
+
+
+def test_the_table_is_what_rsync_itself_leaves_out(tmp_path):
+    """The matcher's table, run through the real rsync: is_excluded agrees
+    with what a copy with --exclude leaves out."""
+    for number, (pattern, left_out, kept) in enumerate(RSYNC_PATTERN_CASES):
+        source, dest = tmp_path / ("src%d" % number), tmp_path / ("dst%d" % number)
+        for path in left_out + kept:
+            (source / path).parent.mkdir(parents=True, exist_ok=True)
+            if not (source / path).exists():
+                (source / path).write_text("x")
+        subprocess.run(["rsync", "-a", "--exclude=" + pattern, "%s/" % source, "%s/" % dest], check=True)
+        for path in left_out + kept:
+            copied = (dest / path).exists()
+            assert copied is not is_excluded("/" + path, [pattern]), (pattern, path, copied)
