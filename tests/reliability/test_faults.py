@@ -140,7 +140,10 @@ def test_backup_survives_sigkill(sandbox, backup_lab, tally, point):
 # --- ISO build --------------------------------------------------------------
 
 ISO_FAULTS = {
-    "during mksquashfs": {"on": "spawn", "tool": "mksquashfs", "moment": "during", "delay": 1.5},
+    # When the squashfs being written passes 16 MiB: lz4 on an idle machine
+    # squashes the test tree in about a second, so a fixed delay can miss it.
+    "during mksquashfs": {"on": "spawn", "tool": "mksquashfs", "moment": "during",
+                          "when_larger": ["{work_dir}/.liveclone-iso-work-*/iso/live/filesystem.squashfs", 16 << 20]},
     "between squashfs and ISO": {"on": "spawn", "tool": "grub-mkrescue", "moment": "before"},
     "during grub-mkrescue, the ISO half written": {
         "on": "spawn", "tool": "grub-mkrescue", "moment": "during",
@@ -170,7 +173,8 @@ def test_iso_build_survives_sigkill(sandbox, iso_lab, tally, point):
     params = dict(iso_lab["params"], hostname="fault-%d" % list(ISO_FAULTS).index(point))
     fault = dict(ISO_FAULTS[point])
     if "when_larger" in fault:
-        fault["when_larger"] = [fault["when_larger"][0].format(iso_dir=iso_lab["iso_dir"]), fault["when_larger"][1]]
+        pattern, size = fault["when_larger"]
+        fault["when_larger"] = [pattern.format(iso_dir=iso_lab["iso_dir"], work_dir=iso_lab["work_dir"]), size]
     outcome = run_module(sandbox, "live_iso", params, fault=fault)
     killed_by_fault(outcome, during=fault.get("moment") == "during")
     tally["faults injected"] += 1

@@ -769,10 +769,19 @@ def test_mount_inside_a_plain_cache_is_never_deleted_through(lab, watched):
 
 
 def module_options(module):
-    """The options of a module, from its DOCUMENTATION."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(HERE)), "plugins/modules/%s.py" % module)) as handle:
-        text = handle.read()
-    return yaml.safe_load(re.search(r'DOCUMENTATION = r"""(.*?)"""', text, re.S).group(1))["options"]
+    """The options of a module: its DOCUMENTATION's and those of the
+    collection's doc fragments it extends (liveclone.core._cache)."""
+    plugins = os.path.join(os.path.dirname(os.path.dirname(HERE)), "plugins")
+    with open(os.path.join(plugins, "modules/%s.py" % module)) as handle:
+        documentation = yaml.safe_load(re.search(r'DOCUMENTATION = r"""(.*?)"""', handle.read(), re.S).group(1))
+    options = dict(documentation.get("options") or {})
+    for fragment in documentation.get("extends_documentation_fragment", []):
+        name, _dot, section = fragment.removeprefix("liveclone.core.").partition(".")
+        with open(os.path.join(plugins, "doc_fragments/%s.py" % name)) as handle:
+            text = handle.read()
+        found = re.search(r'%s = r"""(.*?)"""' % (section or "DOCUMENTATION"), text, re.S)
+        options.update(yaml.safe_load(found.group(1)).get("options") or {})
+    return options
 
 
 @pytest.mark.parametrize("module", ["snapper_cache", "snapper_cache_info"])
