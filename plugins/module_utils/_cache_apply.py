@@ -167,7 +167,10 @@ class CacheApplier:
         return Outcome(state, list(self.carried_out), after)
 
     def _remove_stale(self, state, operation):
-        self.tree.remove(operation.args["name"])
+        name = operation.args["name"]
+        # Checked again right before: a directory of that name is not ours, and stays.
+        if not self.tree.is_dir(name):
+            self.tree.remove(name)
 
     def _remove_incomplete(self, state, operation):
         relative = operation.args["relative"]

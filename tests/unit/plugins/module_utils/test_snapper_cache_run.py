@@ -14,7 +14,10 @@ import pytest
 from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
 from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
+from ansible_collections.liveclone.core.plugins.module_utils._beneath import Tree
+from ansible_collections.liveclone.core.plugins.module_utils._cache_apply import CacheApplier
 from ansible_collections.liveclone.core.plugins.module_utils._command import CommandError
+from ansible_collections.liveclone.core.plugins.module_utils._plan import Operation
 
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
 
@@ -133,3 +136,17 @@ def test_restore_needs_a_snapshot(lab, tmp_path):
     run(PlainRunner(), desired(base, source), False)
     with pytest.raises(cm.CacheError, match=r"snapshot latest is not in .* \(snapshots: none\)"):
         run(PlainRunner(), desired(base, source, state="restored", restore_dest=str(tmp_path / "r")), True)
+
+
+def test_a_leftover_name_that_became_a_directory_stays(tmp_path):
+    """The applier checks a leftover again right before it removes it: a
+    directory of that name is not a file of ours and stays; a file goes."""
+    (tmp_path / ".backup_meta.tmp1").mkdir()
+    (tmp_path / ".backup_meta.tmp1" / "kept").write_text("x")
+    (tmp_path / ".backup_meta.tmp2").write_text("left by a killed run")
+    with Tree(str(tmp_path)) as tree:
+        applier = CacheApplier(None, None, None, tree, None, [], [])
+        for name in (".backup_meta.tmp1", ".backup_meta.tmp2"):
+            applier._remove_stale(None, Operation("remove_stale", "remove %s" % name, {"name": name}))
+    assert (tmp_path / ".backup_meta.tmp1" / "kept").read_text() == "x"
+    assert not (tmp_path / ".backup_meta.tmp2").exists()
