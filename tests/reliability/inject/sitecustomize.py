@@ -18,7 +18,9 @@ calls the modules make.
    | "when_modified": PATH | "when_larger": [GLOB, BYTES]}
       once T has run S seconds; once the paths matching GLOB differ from
       those at T's start (a snapshot appears, a deleted one goes); once T
-      has written to PATH; once a file matching GLOB holds more than BYTES
+      has written to PATH; once a file matching GLOB holds more than BYTES;
+      with "slow_syscalls": [CALL...], "slow_seconds": S, T runs under
+      strace, which delays each such call of T's by S seconds
   {"on": "fsync", "name": N}
       when the module syncs its temporary copy of N, before moving it over N
 """
@@ -100,12 +102,27 @@ def _watch(pid, came):
     _fire(_running(pid))
 
 
+def _slowed(argv):
+    """argv run under strace, which delays each of the slowed system calls
+    (their entry) by slow_seconds: a window in which the tool is certainly
+    running after the moment. strace and the tool share the process group
+    the fault kills."""
+    calls = ",".join(SPEC["slow_syscalls"])
+    prefix = ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=" + calls,
+              "-e", "inject=%s:delay_enter=%d" % (calls, SPEC["slow_seconds"] * 1000000)]
+    if isinstance(argv[0], bytes):
+        prefix = [os.fsencode(word) for word in prefix]
+    return prefix + list(argv)
+
+
 class _FaultPopen(subprocess.Popen):
     def __init__(self, args, *rest, **kwargs):
         hit = _matches(args)
         if hit and SPEC["moment"] == "before":
             _fire(False)
         came = _moment_came() if hit else None
+        if hit and SPEC.get("slow_syscalls"):
+            args = _slowed(args)
         super().__init__(args, *rest, **kwargs)
         if hit:
             threading.Thread(target=_watch, args=(self.pid, came), daemon=True).start()
