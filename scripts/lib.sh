@@ -64,6 +64,31 @@ bootstrap() {
     fi
 }
 
+# The test sshd: OpenSSH's server taken out of Debian's package into a cache,
+# not installed, so that no sshd service, host keys or port 22 appear on the
+# machine that runs the tests; the tests start it on 127.0.0.1 with a
+# configuration of their own (tests/lib/sshd.py). Exports LIVECLONE_SSHD.
+SSHD_TREE=${LIVECLONE_SSHD_TREE:-/var/cache/liveclone/sshd}
+provide_test_sshd() {
+    local version
+    version=$(apt-cache policy openssh-server | sed -n 's/^ *Candidate: //p')
+    if [ ! -x "$SSHD_TREE/usr/sbin/sshd" ] || [ "$(cat "$SSHD_TREE/.version" 2>/dev/null)" != "$version" ]; then
+        step "unpacking openssh-server $version into $SSHD_TREE (for the test sshd; not installed)"
+        local download
+        download=$(mktemp -d)
+        # apt-get download runs as _apt, who cannot write a root-only temporary directory.
+        chmod 0755 "$download"
+        (cd "$download" && apt-get download -qq openssh-server 2>/dev/null) \
+            || { apt-get update -qq && (cd "$download" && apt-get download -qq openssh-server); }
+        rm -rf "$SSHD_TREE.new"
+        dpkg-deb -x "$download"/openssh-server_*.deb "$SSHD_TREE.new"
+        rm -rf "$download" "$SSHD_TREE"
+        mv "$SSHD_TREE.new" "$SSHD_TREE"
+        echo "$version" >"$SSHD_TREE/.version"
+    fi
+    export LIVECLONE_SSHD=$SSHD_TREE/usr/sbin/sshd
+}
+
 # Copy the working tree (tracked and new files, not ignored ones) to
 # $STAGE_ROOT/ansible_collections/liveclone/core, the path Ansible imports from.
 stage_collection() {

@@ -12,6 +12,7 @@ tiers=("$@")
 [ ${#tiers[@]} -gt 0 ] || tiers=(ruff lint sanity units integration system reliability e2e molecule)
 
 bootstrap test
+provide_test_sshd
 stage_collection
 PY=$VENV/bin/python
 

@@ -30,6 +30,7 @@ from ._plan import Operation, Outcome
 from ._roottree import source_kernels, source_os_release
 from ._rsync import RSYNC_VANISHED, copy_argv, parse_output
 from ._snapper import SNAPSHOT_DESCRIPTION, config_settings, userdata_value
+from ._ssh import KNOWN_HOSTS_NAME
 
 SNAPSHOTS = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
 # The cache's own .snapshots is never copied over, nor deleted by rsync --delete.
@@ -41,12 +42,14 @@ def _last_lines(text, count):
 
 
 def rsync_copy(runner, source, dest, excludes, checksum, dry_run, warnings, protect=(),
-               delete_excluded=False, base_dir=None):
+               delete_excluded=False, base_dir=None, link=None, source_is_file=False):
     """rsync source into dest (a backup into base_dir's cache when base_dir is
     given, else a restore); the dry run is check mode's read of what the copy
-    changes. A failure is a CacheError that says what was left as it was."""
+    changes. link, for a pull or a remote restore, is the _ssh.Link that
+    reaches the client. A failure is a CacheError that says what was left as it was."""
     argv = copy_argv(source, dest, excludes=excludes, protect=protect, checksum=checksum, dry_run=dry_run,
-                     delete_excluded=delete_excluded)
+                     delete_excluded=delete_excluded, rsh=link.rsync_shell() if link else None,
+                     source_is_file=source_is_file)
     kept = ("no snapshot was taken and .backup_meta and every snapshot were left as they were"
             if base_dir else "the snapshot is unchanged; restore_dest holds part of it")
     try:
@@ -60,6 +63,8 @@ def rsync_copy(runner, source, dest, excludes, checksum, dry_run, warnings, prot
                 "of the copy; free space on it (lower keep, or delete old snapshots) or grow the volume, then "
                 "run again. %s; the next run finishes the copy. %s"
                 % (where, kept[0].upper() + kept[1:], _last_lines(text, 3))) from None
+        if link and link.failed_in_ssh(text):
+            raise CacheError("%s; %s" % (link.failure(text, "the copy"), kept)) from None
         advice = ""
         if "Operation not permitted" in text:
             advice = ("the kernel refused to change a file there: it is immutable or append-only (lsattr -R %s); "
@@ -110,8 +115,9 @@ class CacheApplier:
     locked); each one carried out goes into `carried_out` as it is done, so
     that a failure can say how far the run got."""
 
-    def __init__(self, runner, desired, snapper, tree, lock, carried_out, warnings):
+    def __init__(self, runner, desired, snapper, tree, lock, carried_out, warnings, link=None):
         self.runner = runner
+        self.link = link
         self.desired = desired
         self.snapper = snapper
         self.btrfs = Btrfs(runner)
@@ -142,10 +148,10 @@ class CacheApplier:
         write_at(self.tree.fd, PENDING_NAME, "")
         # rsync --delete runs into .rootfs_cache: it is checked right before.
         verify_dir(self.tree, CACHE_NAME, subvolume=state.versioning != "none")
-        transfer = rsync_copy(self.runner, self.desired.source, state.cache.cache_dir, state.excludes,
+        transfer = rsync_copy(self.runner, self.desired.source_location, state.cache.cache_dir, state.excludes,
                               self.desired.checksum, False, self.warnings, PROTECT, True,
-                              base_dir=state.cache.base_dir)
-        text = copy_text(transfer, self.desired.source, state.cache, done=True)
+                              base_dir=state.cache.base_dir, link=self.link)
+        text = copy_text(transfer, self.desired.source_location, state.cache, done=True)
         if text:
             self.carried_out.append(Operation("copy", text))
         after = dataclasses.replace(state, transfer=transfer)
@@ -154,7 +160,9 @@ class CacheApplier:
             # Read again before versioning: an entry of the layout swapped meanwhile refuses it.
             after.cache = read()
             self.copied = transfer
-            self.userdata = source_userdata(self.desired.source, transfer)
+            # A pull's distro and kernel are read from the copy: the client is not this host.
+            self.userdata = source_userdata(
+                state.cache.cache_dir if self.desired.remote else self.desired.source, transfer)
             self.apply(after, versions)
         self.tree.remove(PENDING_NAME)
         # Read the cache again only when this run changed it: an unchanged run is common and each
@@ -165,6 +173,9 @@ class CacheApplier:
         if pruned:
             after.cache = read()
         return Outcome(state, list(self.carried_out), after)
+
+    def _pin_host_keys(self, state, operation):
+        self.tree.write_text(KNOWN_HOSTS_NAME, "".join(key.known_hosts_line() for key in self.desired.remote.host_keys))
 
     def _remove_stale(self, state, operation):
         name = operation.args["name"]
@@ -305,14 +316,15 @@ class CacheApplier:
         # A backup volume mounted read-only can still be restored from: the holder note is optional.
         with contextlib.suppress(OSError):
             self.lock.claim()
-        dest = self.desired.restore_dest
+        desired = self.desired
         if not state.dest_exists:
-            os.makedirs(dest, 0o755)
+            os.makedirs(desired.restore_dest, 0o755)
             self.carried_out.append(next(op for op in operations if op.action == "create_dest"))
         snapshot = state.snapshot
         # The snapshot is the source of a copy with --delete: checked again right before it.
         verify_dir(self.tree, state.cache.relative(snapshot.path), subvolume=True)
-        transfer = rsync_copy(self.runner, snapshot.path, dest, state.excludes, self.desired.checksum, False,
-                              self.warnings)
-        self.carried_out.extend(restore_operations(snapshot, dest, transfer, done=True))
+        transfer = rsync_copy(self.runner, state.source, desired.dest_location, state.excludes, desired.checksum,
+                              False, self.warnings, link=self.link, source_is_file=state.source_is_file)
+        self.carried_out.extend(restore_operations(snapshot, desired.dest_location, transfer, done=True,
+                                                   path=desired.restore_path))
         return Outcome(state, list(self.carried_out), dataclasses.replace(state, transfer=transfer))

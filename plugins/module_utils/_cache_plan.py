@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 from ._cache import HOLDER_NAME, META_NAME, PENDING_NAME, Cache, CacheError
 from ._cache_options import cache_directory
-from ._fs import canonical_path, check_path_text
+from ._fs import canonical_path, check_path_text, is_within, parse_mounts
 from ._plan import Operation
 from ._rsync import TransferStats
 from ._snapper import config_settings
+from ._ssh import KNOWN_HOSTS_NAME, Remote, RemoteError, fingerprints
 from ._text import check_plain_text, check_snapper_name
 
 # What restore_snapshot may name: latest, a snapper number, a legacy snapshot.
@@ -39,7 +40,7 @@ RSYNC_RULE = re.compile(r"!|[+-] .*", re.S)
 def check_cache_params(params, base_dir):
     """The refusal of the parameters every state shares, or None: text that
     would break the files and argv they go into, and numbers out of range."""
-    for name in ("base_dir", "source", "restore_dest"):
+    for name in ("base_dir", "source", "restore_dest", "restore_path"):
         problem = check_path_text(name, params.get(name))
         if problem:
             return problem
@@ -86,10 +87,26 @@ class Desired:
     snapshot: str
     checksum: bool
     restore_snapshot: str
+    restore_path: str
     restore_dest: str | None
     restore_delete_extra: bool
     allow_restore_to_root: bool
     lock_timeout: int
+    # The client a backup server pulls from (source is a path there) or restores into (restore_dest is).
+    remote: Remote | None = None
+
+    @property
+    def source_location(self):
+        """The source as rsync names it: a path here, or USER@HOST:PATH on the client."""
+        return self.remote.location(self.source) if self.remote else self.source
+
+    @property
+    def dest_location(self):
+        return self.remote.location(self.restore_dest) if self.remote else self.restore_dest
+
+    def remote_mounts(self):
+        """The client's mount table, as the controller gathered it."""
+        return parse_mounts(self.remote.mountinfo)
 
     @classmethod
     def from_params(cls, params):
@@ -111,10 +128,16 @@ class Desired:
             exclude=tuple(params.get("exclude") or ()), include_home=bool(params.get("include_home")),
             snapshot=params.get("snapshot") or "on_change", checksum=bool(params.get("checksum")),
             restore_snapshot=params.get("restore_snapshot") or "latest",
+            restore_path=canonical_path(params.get("restore_path") or "/"),
             restore_dest=canonical_path(params.get("restore_dest")),
             restore_delete_extra=bool(params.get("restore_delete_extra")),
             allow_restore_to_root=bool(params.get("allow_restore_to_root")),
-            lock_timeout=params["lock_timeout"])
+            lock_timeout=params["lock_timeout"], remote=_remote(params))
+        if not desired.source.startswith("/") or not desired.restore_path.startswith("/"):
+            raise CacheError("source and restore_path are absolute paths (%s, %s); give them starting with /"
+                             % (desired.source, desired.restore_path))
+        if desired.remote and desired.state == "present":
+            _check_remote_source(desired)
         if desired.state == "restored":
             dest = desired.restore_dest
             if not dest or not os.path.isabs(dest):
@@ -123,6 +146,32 @@ class Desired:
                 raise CacheError("restoring over / replaces the running system; set allow_restore_to_root: "
                                  "true if that is really meant")
         return desired
+
+
+def _remote(params):
+    """The client of a pull or a restore, checked, or None for a local one."""
+    if not params.get("remote"):
+        return None
+    try:
+        return Remote.from_params(params["remote"])
+    except RemoteError as error:
+        raise CacheError(str(error)) from None
+
+
+def _check_remote_source(desired):
+    """A pull needs the client's mount table: it decides which filesystems are left out."""
+    if not desired.remote.mountinfo:
+        raise CacheError("a pull from %s needs remote.mountinfo, the text of the client's /proc/self/mountinfo "
+                         "(rsync cannot read /proc; the backup_server role gathers it with slurp)"
+                         % desired.remote.host)
+    try:
+        mounts = desired.remote_mounts()
+    except ValueError as error:
+        raise CacheError("remote.mountinfo is not a mount table: %s; give the text of the client's "
+                         "/proc/self/mountinfo" % error) from None
+    if not any(is_within(desired.source, mount.point) for mount in mounts):
+        raise CacheError("remote.mountinfo has no mount holding source %s; give the client's own "
+                         "/proc/self/mountinfo" % desired.source)
 
 
 # --- the state each planner reads --------------------------------------------
@@ -135,6 +184,7 @@ class BackupState:
     stale_files: list = field(default_factory=list)  # temporary files of a killed run, names in base_dir
     snapper_settings: dict | None = None  # the config's values, when snapper manages the cache already
     transfer: TransferStats | None = None  # check mode: rsync's dry run, standing for the copy
+    pinned_keys: tuple = ()  # a pull's host keys pinned in base_dir (_ssh.HostKey)
 
 
 @dataclass
@@ -149,6 +199,8 @@ class RestoreState:
     snapshot: object  # the _cache.Snapshot restored
     excludes: list
     dest_exists: bool
+    source: str = ""  # restore_path in the snapshot
+    source_is_file: bool = False
     listing: TransferStats | None = None  # rsync's dry run into restore_dest, when one was read
     transfer: TransferStats | None = None  # check mode: that dry run, standing for the copy
 
@@ -218,12 +270,13 @@ def copy_text(stats, source, cache, done):
         stats.bytes_transferred, ", %d deleted" % stats.files_deleted if stats.files_deleted else "")
 
 
-def restore_operations(snapshot, dest, stats, done):
-    """What a copy of snapshot into dest changed (or, planned, changes)."""
+def restore_operations(snapshot, dest, stats, done, path="/"):
+    """What a copy of snapshot (its path) into dest changed (or, planned, changes)."""
     operations = []
+    what = "snapshot " + snapshot.name if path == "/" else "%s of snapshot %s" % (path, snapshot.name)
     if stats.changes:
-        operations.append(Operation("restore", "%s snapshot %s into %s (%d changes, %d bytes, %d deleted)" % (
-            "restored" if done else "restore", snapshot.name, dest, stats.changes, stats.bytes_transferred,
+        operations.append(Operation("restore", "%s %s into %s (%d changes, %d bytes, %d deleted)" % (
+            "restored" if done else "restore", what, dest, stats.changes, stats.bytes_transferred,
             stats.files_deleted)))
     if stats.files_deleted:
         # Done by the copy itself (rsync --delete): listed for the user, not a step of its own.
@@ -252,6 +305,10 @@ def plan_layout(desired, state):
         operations.append(Operation(
             "remove_incomplete", "remove the incomplete snapshot %s" % path,
             {"relative": relative, "done": "removed the incomplete snapshot %s left by an interrupted run" % path}))
+    remote = desired.remote
+    if remote and set(state.pinned_keys) != set(remote.host_keys):
+        operations.append(Operation("pin_host_keys", "pin the host keys of %s (%s) in %s" % (
+            remote.host, ", ".join(fingerprints(remote.host_keys)), os.path.join(cache.base_dir, KNOWN_HOSTS_NAME))))
     if not cache.cache_exists:
         kind = "btrfs subvolume" if versioning != "none" else "directory"
         operations.append(Operation("create_cache", "create the %s %s" % (kind, cache.cache_dir)))
@@ -298,9 +355,9 @@ def plan_backup(desired, state):
     operations = plan_layout(desired, state)
     transfer = state.transfer
     if transfer is None:
-        operations.append(Operation("copy", "copy %s to %s" % (desired.source, state.cache.cache_dir)))
+        operations.append(Operation("copy", "copy %s to %s" % (desired.source_location, state.cache.cache_dir)))
         return operations
-    text = copy_text(transfer, desired.source, state.cache, done=False)
+    text = copy_text(transfer, desired.source_location, state.cache, done=False)
     if text:
         operations.append(Operation("copy", text))
     versions = plan_versions(desired, state, transfer)
@@ -323,7 +380,7 @@ def plan_remove(desired, state):
         operations.append(Operation("delete_snapshots_dir", "delete %s" % cache.snapshots_dir))
     if cache.cache_exists:
         operations.append(Operation("delete_cache", "delete %s" % cache.cache_dir))
-    for name in (META_NAME, HOLDER_NAME, PENDING_NAME):
+    for name in (META_NAME, HOLDER_NAME, PENDING_NAME, KNOWN_HOSTS_NAME):
         if name in state.files:
             operations.append(Operation("delete_file", "delete %s" % os.path.join(cache.base_dir, name),
                                         {"name": name}))
@@ -333,7 +390,7 @@ def plan_remove(desired, state):
 def plan_restore(desired, state):
     """The restore of state.snapshot into restore_dest; refuses to delete what
     the snapshot lacks there unless restore_delete_extra."""
-    dest, snapshot, listing = desired.restore_dest, state.snapshot, state.listing
+    dest, snapshot, listing = desired.dest_location, state.snapshot, state.listing
     if listing is not None and listing.files_deleted and not desired.restore_delete_extra:
         raise CacheError(
             "restore_dest %s is not empty: restoring snapshot %s there would delete %d files that the "
@@ -343,8 +400,10 @@ def plan_restore(desired, state):
                 ", ..." if listing.files_deleted > 5 else ""))
     operations = [] if state.dest_exists else [Operation("create_dest", "create %s" % dest)]
     if state.transfer is None:
-        return operations + [Operation("restore", "restore snapshot %s into %s" % (snapshot.name, dest))]
-    return operations + restore_operations(snapshot, dest, state.transfer, done=False)
+        what = "snapshot " + snapshot.name if desired.restore_path == "/" else "%s of snapshot %s" % (
+            desired.restore_path, snapshot.name)
+        return operations + [Operation("restore", "restore %s into %s" % (what, dest))]
+    return operations + restore_operations(snapshot, dest, state.transfer, done=False, path=desired.restore_path)
 
 
 # --- what the module returns -------------------------------------------------

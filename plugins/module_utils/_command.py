@@ -32,6 +32,11 @@ class CommandRunner:
             self._paths[name] = path
         return self._paths[name]
 
+    def run_capture(self, argv):
+        """Run argv whatever it exits with; return (rc, stdout, stderr), for a caller that reads both."""
+        command = [self.binary(argv[0])] + [str(arg) for arg in argv[1:]]
+        return self.module.run_command(command, environ_update={"LC_ALL": "C"}, check_rc=False)
+
     def run(self, argv, ok_rcs=(0,), data=None):
         """Run argv; return (rc, stdout). Raise CommandError unless rc is in ok_rcs."""
         command = [self.binary(argv[0])] + [str(arg) for arg in argv[1:]]

@@ -37,14 +37,23 @@ def _unescape(text):
 
 def read_mounts(mountinfo=MOUNTINFO):
     """The mounts this process sees, in mountinfo order."""
-    mounts = []
     with open(mountinfo) as handle:
-        for line in handle:
-            pre, _sep, post = line.partition(" - ")
-            fields, post_fields = pre.split(), post.split()
-            mounts.append(Mount(_unescape(fields[4]), fields[2],
-                                post_fields[0] if post_fields else "",
-                                _unescape(post_fields[1]) if len(post_fields) > 1 else ""))
+        return parse_mounts(handle.read())
+
+
+def parse_mounts(text):
+    """The mounts of a mountinfo text (this host's, or a client's as the controller gathered it)."""
+    mounts = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        pre, _sep, post = line.partition(" - ")
+        fields, post_fields = pre.split(), post.split()
+        if len(fields) < 5 or not fields[4].startswith("/"):
+            raise ValueError("a mountinfo line without a mount point: %r" % line[:120])
+        mounts.append(Mount(_unescape(fields[4]), fields[2],
+                            post_fields[0] if post_fields else "",
+                            _unescape(post_fields[1]) if len(post_fields) > 1 else ""))
     return mounts
 
 

@@ -34,15 +34,17 @@ OS_RELEASE_PATHS = ("etc/os-release", "usr/lib/os-release")
 OS_RELEASE_LIMIT = 1 << 20
 
 
-def mount_excludes(source, include_home, mountinfo=MOUNTINFO):
+def mount_excludes(source, include_home, mountinfo=MOUNTINFO, mounts=None):
     """Exclude patterns for the filesystems mounted inside source.
 
     Nested btrfs subvolumes of source's own filesystem are crossed into (the
     reference's --one-file-system skipped them); other filesystems are not,
-    except /home and /root when include_home asks for them.
+    except /home and /root when include_home asks for them. mounts, when
+    given, is another host's mount table (source is a path there, canonical).
     """
-    mounts = read_mounts(mountinfo)
-    source = os.path.realpath(source)
+    if mounts is None:
+        mounts = read_mounts(mountinfo)
+        source = os.path.realpath(source)
     owner = max((m for m in mounts if is_within(source, m.point)), key=lambda m: len(m.point))
     excludes = []
     for mount in mounts:

@@ -84,9 +84,12 @@ def parse_output(out):
 
 
 def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=False,
-              delete_excluded=False):
-    """argv copying the tree at source into dest (both directories)."""
+              delete_excluded=False, rsh=None, source_is_file=False):
+    """argv copying the tree at source into dest (both directories; either
+    may be USER@HOST:PATH, reached with the remote shell command rsh)."""
     argv = ["rsync"] + COPY_OPTIONS
+    if rsh:
+        argv += ["-e", rsh]
     if checksum:
         argv.append("--checksum")
     if dry_run:
@@ -96,6 +99,8 @@ def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=Fal
     # Protect rules come first: they keep receiver paths from --delete.
     argv += ["--filter=protect %s" % path for path in protect]
     argv += ["--exclude=%s" % pattern for pattern in excludes]
+    if source_is_file:
+        return argv + [source, dest]
     return argv + [source.rstrip("/") + "/", dest.rstrip("/") + "/"]
 
 

@@ -24,6 +24,7 @@ snapshotted through it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -49,6 +50,7 @@ from ._plan import Outcome, Result, execute
 from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes
 from ._rsync import is_excluded, itemized_path, literal_pattern
 from ._snapper import Snapper
+from ._ssh import KNOWN_HOSTS_NAME, Link, RemoteError, check_pinned, fingerprints, parse_known_hosts
 
 CACHE_BUSY = ("%(path)s is locked by another run (%(holder)s); waited %(timeout)d s. Try again when it has "
               "finished, or raise lock_timeout")
@@ -188,14 +190,18 @@ def check_removable(tree, cache):
 
 
 def backup_excludes(desired):
+    """What a backup of desired.source leaves out (a restore over / leaves out the same)."""
     excludes = list(STANDARD_EXCLUDES)
     if not desired.include_home:
         excludes += HOME_EXCLUDES
-    excludes += mount_excludes(desired.source, desired.include_home)
+    mounts = desired.remote_mounts() if desired.remote and desired.remote.mountinfo else None
+    excludes += mount_excludes(desired.source, desired.include_home, mounts=mounts)
     return excludes + list(desired.exclude)
 
 
 def check_source(desired, excludes):
+    if desired.remote:
+        return  # on the client: the server's base_dir is never inside it
     source = desired.source
     if not os.path.isdir(source):
         raise CacheError("source %s does not exist or is not a directory; give a directory: the "
@@ -212,7 +218,7 @@ def check_source(desired, excludes):
 
 def stale_files(tree):
     """Temporary copies of .backup_meta, the lock and the marker that a killed run left (we hold the lock)."""
-    prefixes = tuple("." + name + "." for name in (META_NAME, HOLDER_NAME, PENDING_NAME))
+    prefixes = tuple("." + name + "." for name in (META_NAME, HOLDER_NAME, PENDING_NAME, KNOWN_HOSTS_NAME))
     return [name for name in tree.listdir() if name.startswith(prefixes) and not tree.is_dir(name)]
 
 
@@ -229,6 +235,7 @@ class _Run:
         self.snapper = Snapper(runner, desired.snapper_config)
         self.reader = CacheReader(runner, self.snapper)
         self.warnings = []
+        self.link = None
 
     def read_cache(self):
         """The cache as it is now; its refused entries refuse the run, its ignored ones are warned about."""
@@ -239,7 +246,44 @@ class _Run:
         return cache
 
     def applier(self, tree, lock):
-        return CacheApplier(self.runner, self.desired, self.snapper, tree, lock, self.carried_out, self.warnings)
+        return CacheApplier(self.runner, self.desired, self.snapper, tree, lock, self.carried_out, self.warnings,
+                            self.link)
+
+    def link_to_client(self):
+        """The link to the client of a pull or a remote restore, or a context of None for a local run."""
+        if not self.desired.remote:
+            return contextlib.nullcontext()
+        return Link(self.desired.remote, self.runner.binary("ssh"))
+
+    def check_client(self, tree, pull):
+        """A pull's or a remote restore's client, before anything is copied:
+        the keys the controller gathered match the pin, and a pull's key is
+        restricted to a read-only rrsync. Returns the pinned keys."""
+        remote = self.desired.remote
+        pinned = ()
+        text = tree.read_text(KNOWN_HOSTS_NAME, 1 << 20)
+        if text:
+            try:
+                pinned = tuple(parse_known_hosts(text))
+            except RemoteError:
+                pinned = ()  # damaged: the pin is written again from the controller's keys
+        problem = check_pinned(remote, pinned)
+        if problem:
+            raise CacheError(problem)
+        self.link.pinned_keys = pinned or remote.host_keys
+        if pull:
+            try:
+                self.link.check_restricted(self.runner)
+            except RemoteError as error:
+                raise CacheError("%s; nothing was copied and no snapshot was taken" % error) from None
+        return pinned
+
+    def remote_values(self, pinned_now):
+        remote = self.desired.remote
+        if not remote:
+            return None
+        return {"host": remote.host, "port": remote.port, "user": remote.user,
+                "host_key_fingerprints": fingerprints(remote.host_keys), "pinned": pinned_now}
 
     def result(self, outcome, values):
         before = diff_view(outcome.before.cache.view())
@@ -250,25 +294,28 @@ class _Run:
     def backup(self):
         desired = self.desired
         check_base_path(desired.base_dir)
-        with cache_lock(desired.base_dir, desired.lock_timeout) as lock, Tree(desired.base_dir) as tree:
+        with cache_lock(desired.base_dir, desired.lock_timeout) as lock, Tree(desired.base_dir) as tree, \
+                self.link_to_client() as self.link:
 
             def read():
                 cache = self.read_cache()
                 check_writable(desired.base_dir, "base_dir", room=True)
                 check_no_mounts(cache)
-                check_flags(tree, ["", META_NAME, HOLDER_NAME, PENDING_NAME, CACHE_NAME,
+                check_flags(tree, ["", META_NAME, HOLDER_NAME, PENDING_NAME, KNOWN_HOSTS_NAME, CACHE_NAME,
                                    os.path.join(CACHE_NAME, SNAPSHOTS_NAME)])
                 excludes = backup_excludes(desired)
                 check_source(desired, excludes)
                 versioning, warnings = choose_versioning(desired, cache)
                 self.warnings += warnings
                 state = BackupState(cache, versioning, excludes, stale_files(tree))
+                if desired.remote:
+                    state.pinned_keys = self.check_client(tree, pull=True)
                 if versioning == "snapper" and cache.snapper_manages_cache:
                     state.snapper_settings = self.snapper.get_config()
                 if self.check_mode:
-                    state.transfer = rsync_copy(self.runner, desired.source, cache.cache_dir, excludes,
+                    state.transfer = rsync_copy(self.runner, desired.source_location, cache.cache_dir, excludes,
                                                 desired.checksum, True, self.warnings, PROTECT, True,
-                                                base_dir=desired.base_dir)
+                                                base_dir=desired.base_dir, link=self.link)
                     refuse_immutable_paths(cache.cache_dir, state.transfer, cache.cache_dir)
                 return state
 
@@ -279,9 +326,11 @@ class _Run:
         created = next((op.args.get("name") for op in outcome.operations if op.action == "snapshot"), None)
         pruned = [op.args["snapshot"] for op in outcome.operations if op.action == "prune"]
         after = outcome.after
-        return self.result(outcome, cache_values(
+        values = cache_values(
             after.cache, after.versioning, after.transfer, pruned=pruned,
-            created=next((snap.view() for snap in after.cache.snapshots if snap.name == created), None)))
+            created=next((snap.view() for snap in after.cache.snapshots if snap.name == created), None))
+        values["remote"] = self.remote_values(any(op.action == "pin_host_keys" for op in outcome.operations))
+        return self.result(outcome, values)
 
     def remove(self):
         desired = self.desired
@@ -293,8 +342,8 @@ class _Run:
 
             def read():
                 cache = self.read_cache()
-                return RemoveState(cache, [name for name in (META_NAME, HOLDER_NAME, PENDING_NAME)
-                                           if tree.lstat(name) is not None])
+                return RemoveState(cache, [name for name in (META_NAME, HOLDER_NAME, PENDING_NAME,
+                                                             KNOWN_HOSTS_NAME) if tree.lstat(name) is not None])
 
             def plan(state):
                 operations = plan_remove(desired, state)
@@ -313,47 +362,37 @@ class _Run:
     def restore(self):
         desired = self.desired
         dest = desired.restore_dest
-        problem = check_real_path("restore_dest", dest)
-        if problem:
-            raise CacheError(problem)
-        info = os.lstat(dest) if os.path.lexists(dest) else None
-        if info is not None and not stat.S_ISDIR(info.st_mode):
-            raise CacheError("restore_dest %s exists and is %s; move it away or give a directory to restore into"
-                             % (dest, "a file" if stat.S_ISREG(info.st_mode) else "not a directory"))
+        info = None
+        if not desired.remote:
+            problem = check_real_path("restore_dest", dest)
+            if problem:
+                raise CacheError(problem)
+            info = os.lstat(dest) if os.path.lexists(dest) else None
+            if info is not None and not stat.S_ISDIR(info.st_mode):
+                raise CacheError("restore_dest %s exists and is %s; move it away or give a directory to restore "
+                                 "into" % (dest, "a file" if stat.S_ISREG(info.st_mode) else "not a directory"))
         check_base_path(desired.base_dir)
-        with cache_lock(desired.base_dir, desired.lock_timeout) as lock, Tree(desired.base_dir) as tree:
+        with cache_lock(desired.base_dir, desired.lock_timeout) as lock, Tree(desired.base_dir) as tree, \
+                self.link_to_client() as self.link:
 
             def read():
                 cache = self.read_cache()
                 snapshot = pick_snapshot(cache, desired.restore_snapshot)
-                base, real_dest = os.path.realpath(desired.base_dir), os.path.realpath(dest)
-                if is_within(real_dest, base):
-                    raise CacheError("restore_dest %s is inside base_dir; restore somewhere else" % dest)
-                if dest != "/" and is_within(base, real_dest):
-                    raise CacheError("restore_dest %s holds base_dir %s: a restore deletes what the snapshot "
-                                     "lacks there, the cache with it; restore into a directory outside base_dir"
-                                     % (dest, desired.base_dir))
-                check_writable(dest, "restore_dest", room=True)
-                if info is not None:
-                    with Tree(dest) as target:
-                        if inode_flags(target.fd) & UNCHANGEABLE_FLAGS:
-                            raise CacheError("restore_dest %s is immutable or append-only (lsattr -d %s); clear "
-                                             "that with chattr -i -a if the restore is wanted. Nothing was "
-                                             "changed." % (dest, dest))
-                verify_dir(tree, cache.relative(snapshot.path), subvolume=True)
-                # A snapshot shows the cache's own .snapshots subvolume as an empty
-                # directory: an artifact of the cache, never part of the source.
-                if dest == "/":
-                    # The backup volume stays: the snapshot does not hold it, and --delete would take it.
-                    excludes = list(STANDARD_EXCLUDES) + ["/" + literal_pattern(os.path.relpath(base, "/"))]
+                if desired.remote:
+                    self.check_client(tree, pull=False)
                 else:
-                    excludes = ["/" + SNAPSHOTS_NAME]
-                state = RestoreState(cache, snapshot, excludes, dest_exists=info is not None)
-                occupied = info is not None and bool(os.listdir(dest))
+                    self.check_local_dest(info)
+                verify_dir(tree, cache.relative(snapshot.path), subvolume=True)
+                source, is_file = self.restore_source(tree, cache, snapshot)
+                # A remote destination is the role's to check and create (it is on the client).
+                state = RestoreState(cache, snapshot, restore_excludes(desired), source=source,
+                                     dest_exists=info is not None or bool(desired.remote), source_is_file=is_file)
+                occupied = bool(desired.remote) or (info is not None and bool(os.listdir(dest)))
                 if occupied or self.check_mode:
-                    state.listing = rsync_copy(self.runner, snapshot.path, dest, excludes, desired.checksum,
-                                               True, self.warnings)
-                    if occupied:
+                    state.listing = rsync_copy(self.runner, source, desired.dest_location, state.excludes,
+                                               desired.checksum, True, self.warnings, link=self.link,
+                                               source_is_file=is_file)
+                    if occupied and not desired.remote:
                         refuse_immutable_paths(dest, state.listing, "restore_dest %s" % dest)
                     if self.check_mode:
                         state.transfer = state.listing
@@ -365,7 +404,60 @@ class _Run:
         after = outcome.after
         values = cache_values(after.cache, after.cache.versioning_found(), after.transfer)
         values["restored"] = after.snapshot.view()
+        values["remote"] = self.remote_values(False)
         return self.result(outcome, values)
+
+    def check_local_dest(self, info):
+        desired, dest = self.desired, self.desired.restore_dest
+        base, real_dest = os.path.realpath(desired.base_dir), os.path.realpath(dest)
+        if is_within(real_dest, base):
+            raise CacheError("restore_dest %s is inside base_dir; restore somewhere else" % dest)
+        if dest != "/" and is_within(base, real_dest):
+            raise CacheError("restore_dest %s holds base_dir %s: a restore deletes what the snapshot "
+                             "lacks there, the cache with it; restore into a directory outside base_dir"
+                             % (dest, desired.base_dir))
+        check_writable(dest, "restore_dest", room=True)
+        if info is not None:
+            with Tree(dest) as target:
+                if inode_flags(target.fd) & UNCHANGEABLE_FLAGS:
+                    raise CacheError("restore_dest %s is immutable or append-only (lsattr -d %s); clear "
+                                     "that with chattr -i -a if the restore is wanted. Nothing was "
+                                     "changed." % (dest, dest))
+
+    def restore_source(self, tree, cache, snapshot):
+        """(path, is_file) of restore_path in snapshot, found beneath the snapshot (no link followed)."""
+        wanted = self.desired.restore_path
+        if wanted == "/":
+            return snapshot.path, False
+        relative = os.path.join(cache.relative(snapshot.path), wanted.lstrip("/"))
+        try:
+            found = tree.lstat(relative)
+        except BeneathError:
+            found = None
+        if found is None:
+            raise CacheError("restore_path %s is not in snapshot %s (or runs through a link there); give a path "
+                             "the snapshot holds" % (wanted, snapshot.name))
+        return os.path.join(snapshot.path, wanted.lstrip("/")), not stat.S_ISDIR(found.st_mode)
+
+
+def restore_excludes(desired):
+    """A restore leaves out what the backup left out (so that --delete never
+    takes what the backup did not hold: DistroClone Backup's v1.2.2 lost data
+    that way), anchored at restore_path. A snapshot shows the cache's own
+    .snapshots as an empty directory, never part of the source; and a local
+    restore over / leaves the backup volume alone."""
+    path = desired.restore_path
+    excludes = []
+    for pattern in backup_excludes(desired):
+        if not pattern.startswith("/") or path == "/":
+            excludes.append(pattern)
+        elif pattern.startswith(path + "/"):
+            excludes.append(pattern[len(path):])
+    if path == "/":
+        excludes.append("/" + SNAPSHOTS_NAME)
+        if desired.restore_dest == "/" and not desired.remote:
+            excludes.append("/" + literal_pattern(os.path.relpath(os.path.realpath(desired.base_dir), "/")))
+    return excludes
 
 
 def run(runner, desired, check_mode, carried_out):

@@ -148,6 +148,73 @@ options:
     description: Seconds to wait for another run on the same cache before failing; an integer, 0 or more.
     type: int
     default: 300
+  restore_path:
+    description:
+      - What of the snapshot O(state=restored) copies, as a path in the backed-up tree (V(/etc),
+        V(/etc/fstab)); V(/) for all of it. A directory is copied into O(restore_dest) (the
+        directory itself, C(rsync --delete) in it), a file or link onto the path O(restore_dest).
+      - A restore leaves out what the backup left out (the standard exclusions, C(/home) unless
+        O(include_home), other filesystems, O(exclude)), anchored at O(restore_path), so that its
+        C(--delete) never removes what the backup did not hold.
+    type: path
+    default: /
+  remote:
+    description:
+      - A client that this host, a backup server, pulls from (O(state=present), O(source) being
+        a path on the client) or restores into (O(state=restored), O(restore_dest) being a path
+        on the client), with rsync over SSH. The client needs rsync and an SSH server, nothing else.
+      - The key must be restricted on the client to a read-only rsync for a pull, in its
+        C(authorized_keys) as C(restrict,command="/usr/bin/rrsync -ro /") (the C(backup_server)
+        role installs it). Before any copy, in check mode too, the pull checks that the key runs
+        no command that is not rsync and that a dry-run push with it is refused.
+      - The client's host keys are pinned in C(BASE_DIR/.liveclone-known_hosts) on the first pull;
+        keys that differ later are refused, naming both fingerprints. ssh runs with only this key,
+        only the pinned host keys (C(StrictHostKeyChecking=yes)), no agent, no prompt, no
+        compression and no user configuration (C(-F /dev/null)).
+      - A restore needs a key that may write there (the role installs one with
+        C(rrsync -wo /) for the restore only); the destination is checked on the client by the
+        role, and O(restore_delete_extra) and O(allow_restore_to_root) apply as for a local restore.
+    type: dict
+    suboptions:
+      host:
+        description: The client's address (host name or IP address) as this server reaches it.
+        type: str
+        required: true
+      port:
+        description: The client's SSH port.
+        type: int
+        default: 22
+      user:
+        description: The user the key logs in as on the client (C(root) reads every file).
+        type: str
+        default: root
+      identity_file:
+        description:
+          - The private key on this server that the client authorized; never the controller's key.
+          - An absolute path without blanks, quotes or backslashes.
+        type: path
+        required: true
+      host_keys:
+        description:
+          - The client's public host keys, C(TYPE BASE64 [comment]) lines, as the controller
+            gathered them (the client's C(/etc/ssh/ssh_host_*_key.pub)); the only keys ssh accepts.
+        type: list
+        elements: str
+        required: true
+      accept_new_host_keys:
+        description: Replace pinned host keys that differ from O(remote.host_keys) (a reinstalled client).
+        type: bool
+        default: false
+      mountinfo:
+        description:
+          - The text of the client's C(/proc/self/mountinfo), as the controller read it; required
+            for a pull. The filesystems mounted inside O(source) on the client are left out, but
+            for nested btrfs subvolumes of its own filesystem (as for a local backup).
+        type: str
+      connect_timeout:
+        description: Seconds ssh waits for the client to answer.
+        type: int
+        default: 10
 seealso:
   - module: liveclone.core.snapper_cache_info
 """
@@ -178,6 +245,15 @@ EXAMPLES = r"""
     state: restored
     restore_dest: /srv/restore
     restore_delete_extra: true
+
+- name: On a backup server, pull the client web1 into its own cache
+  liveclone.core.snapper_cache:
+    base_dir: /srv/liveclone/web1
+    remote:
+      host: 192.0.2.10
+      identity_file: /etc/liveclone/backup_server/id_ed25519
+      host_keys: "{{ web1_host_keys }}"  # the client's /etc/ssh/ssh_host_*_key.pub, gathered by the controller
+      mountinfo: "{{ web1_mountinfo }}"  # the client's /proc/self/mountinfo
 
 - name: Delete the whole cache and its snapper config
   liveclone.core.snapper_cache:
@@ -288,6 +364,27 @@ restored:
   description: The snapshot restored.
   returned: when O(state=restored)
   type: dict
+remote:
+  description: The client of a pull or a remote restore; null for a local run.
+  returned: always
+  type: dict
+  contains:
+    host:
+      description: Its address.
+      type: str
+    port:
+      description: Its SSH port.
+      type: int
+    user:
+      description: The user the key logs in as.
+      type: str
+    host_key_fingerprints:
+      description: SHA256 fingerprints of the host keys accepted for it.
+      type: list
+      elements: str
+    pinned:
+      description: Whether this run pinned the keys (first pull, or O(remote.accept_new_host_keys)).
+      type: bool
 operations:
   description: What was done, or would be done in check mode.
   returned: always
@@ -327,6 +424,17 @@ def main():
             restore_delete_extra=dict(type="bool", default=False),
             allow_restore_to_root=dict(type="bool", default=False),
             lock_timeout=dict(type="int", default=300),
+            restore_path=dict(type="path", default="/"),
+            remote=dict(type="dict", options=dict(
+                host=dict(type="str", required=True),
+                port=dict(type="int", default=22),
+                user=dict(type="str", default="root"),
+                identity_file=dict(type="path", required=True),
+                host_keys=dict(type="list", elements="str", required=True, no_log=False),
+                accept_new_host_keys=dict(type="bool", default=False),
+                mountinfo=dict(type="str"),
+                connect_timeout=dict(type="int", default=10),
+            )),
         ),
         required_if=[("state", "restored", ["restore_dest"])],
         supports_check_mode=True,
