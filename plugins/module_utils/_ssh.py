@@ -270,7 +270,7 @@ class Link:
         os.rmdir(self.directory)
 
     def ssh_argv(self, *command):
-        return [self.ssh_path] + self.remote.ssh_argv(self.known_hosts)[1:] + [self.remote.host, "--"] + list(command)
+        return [self.ssh_path] + self.remote.ssh_argv(self.known_hosts)[1:] + ["--", self.remote.host] + list(command)
 
     def rsync_shell(self):
         return self.remote.rsync_shell(self.ssh_path, self.known_hosts)
