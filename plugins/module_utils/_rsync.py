@@ -100,7 +100,9 @@ def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=Fal
     argv += ["--filter=protect %s" % path for path in protect]
     argv += ["--exclude=%s" % pattern for pattern in excludes]
     if source_is_file:
-        return argv + [source, dest]
+        # Into the directory dest, keeping its name: no rsync names a single file's destination the
+        # same way (rrsync 3.5 pins the argument, and rsync then cannot replace the file).
+        return argv + [source, dest.rstrip("/") + "/"]
     return argv + [source.rstrip("/") + "/", dest.rstrip("/") + "/"]
 
 

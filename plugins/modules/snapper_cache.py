@@ -151,8 +151,9 @@ options:
   restore_path:
     description:
       - What of the snapshot O(state=restored) copies, as a path in the backed-up tree (V(/etc),
-        V(/etc/fstab)); V(/) for all of it. A directory is copied into O(restore_dest) (the
-        directory itself, C(rsync --delete) in it), a file or link onto the path O(restore_dest).
+        V(/etc/fstab)); V(/) for all of it. O(restore_dest) is always a directory: a directory's
+        contents are copied into it (with C(rsync --delete) there), a file or link into it under
+        its own name (V(/etc/fstab) with O(restore_dest=/etc) restores C(/etc/fstab)).
       - A restore leaves out what the backup left out (the standard exclusions, C(/home) unless
         O(include_home), other filesystems, O(exclude)), anchored at O(restore_path), so that its
         C(--delete) never removes what the backup did not hold.

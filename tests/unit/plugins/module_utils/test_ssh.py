@@ -160,3 +160,11 @@ def test_a_restore_leaves_out_what_the_backup_left_out_anchored_at_its_path():
     assert "/log/*" in var and "/tmp/*" in var and "/cache/apt/archives/*" in var
     assert not any(pattern.startswith("/var/") for pattern in var)
     assert "/.snapshots" not in var
+
+
+def test_a_file_is_restored_into_its_directory_and_a_pull_names_its_remote_shell():
+    from ansible_collections.liveclone.core.plugins.module_utils._rsync import copy_argv
+    argv = copy_argv("/snap/etc/fstab", "root@h:/etc", source_is_file=True, rsh="ssh -p 2")
+    assert argv[-2:] == ["/snap/etc/fstab", "root@h:/etc/"]
+    assert argv[argv.index("-e") + 1] == "ssh -p 2"
+    assert copy_argv("root@h:/", "/c")[-2:] == ["root@h:/", "/c/"]
