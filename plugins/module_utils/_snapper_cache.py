@@ -64,6 +64,7 @@ from ._ssh import KNOWN_HOSTS_NAME, Link, RemoteError, check_pinned, fingerprint
 
 # --- the entry point -----------------------------------------------------------
 
+
 class _Run:
     """One run on one cache: the runner, the Desired state, and what the run gathers."""
 

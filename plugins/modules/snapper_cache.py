@@ -151,7 +151,7 @@ options:
   restore_path:
     description:
       - What of the snapshot O(state=restored) copies, as a path in the backed-up tree (V(/etc),
-        V(/etc/fstab)); V(/) for all of it. O(restore_dest) is always a directory: a directory's
+        V(/etc/fstab)); V(/) for all of it. O(restore_dest) is always a directory; a directory's
         contents are copied into it (with C(rsync --delete) there), a file or link into it under
         its own name (V(/etc/fstab) with O(restore_dest=/etc) restores C(/etc/fstab)).
       - A restore leaves out what the backup left out (the standard exclusions, C(/home) unless
