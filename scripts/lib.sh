@@ -81,6 +81,7 @@ provide_test_sshd() {
         (cd "$download" && apt-get download -qq openssh-server 2>/dev/null) \
             || { apt-get update -qq && (cd "$download" && apt-get download -qq openssh-server); }
         rm -rf "$SSHD_TREE.new"
+        mkdir -p "$(dirname "$SSHD_TREE")"
         dpkg-deb -x "$download"/openssh-server_*.deb "$SSHD_TREE.new"
         rm -rf "$download" "$SSHD_TREE"
         mv "$SSHD_TREE.new" "$SSHD_TREE"
