@@ -125,7 +125,7 @@ for tier in sanity integration system reliability; do
     wanted "$tier" && host_lane+=("tier:$tier")
 done
 wanted e2e && lane_one+=(e2e:distroclone) && lane_two+=(e2e:backing_store)
-wanted molecule && lane_one+=(molecule:backstore) && lane_two+=(molecule:backup_then_build)
+wanted molecule && lane_one+=(molecule:backstore molecule:backup_server) && lane_two+=(molecule:backup_then_build)
 if wanted e2e || wanted molecule; then
     # Built once here (about 3 minutes the first time), not by two lanes at once.
     step "the lab image"

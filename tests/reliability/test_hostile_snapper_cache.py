@@ -154,6 +154,8 @@ TEXT_CASES = [
     ("source-nul", "snapper_cache", {"source": "{source}\x00/etc"}, r"source .* control character"),
     ("restore_dest-newline", "snapper_cache", {"state": "restored", "restore_dest": "{work}/restore-x\n"},
      r"restore_dest .* control character"),
+    ("restore_path-newline", "snapper_cache", {"state": "restored", "restore_dest": "{work}/restore-x",
+                                               "restore_path": "/etc\n/"}, r"restore_path .* control character"),
     ("snapper_config-newline", "snapper_cache", {"snapper_config": "hostile-ready\n"},
      r"snapper_config .* not a snapper config name"),
     ("snapper_config-slash", "snapper_cache", {"snapper_config": "a/b"}, r"snapper_config .* letters, digits"),
