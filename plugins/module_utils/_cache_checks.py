@@ -11,7 +11,16 @@ import os
 
 from ._beneath import BeneathError, Tree, relative_parts
 from ._cache import CACHE_NAME, HOLDER_NAME, META_NAME, PENDING_NAME, SNAPSHOTS_NAME, CacheError
-from ._fs import UNCHANGEABLE_FLAGS, check_real_path, flags_at, free_space, inode_flags, is_within, read_mounts
+from ._fs import (
+    UNCHANGEABLE_FLAGS,
+    check_real_path,
+    commit_filesystem,
+    flags_at,
+    free_space,
+    inode_flags,
+    is_within,
+    read_mounts,
+)
 from ._lock import Lock
 from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes
 from ._rsync import is_excluded, itemized_path, literal_pattern
@@ -62,6 +71,11 @@ def check_writable(path, what, room=False):
                          "or choose another %s. Nothing was changed." % (what, path, what))
     if not room:
         return
+    if space.free_bytes < MIN_FREE_BYTES or (space.free_inodes is not None and space.free_inodes < MIN_FREE_INODES):
+        # Measured again once the filesystem has committed: right after a copy that filled it
+        # failed, btrfs still counts the space of the temporary file rsync deleted as used.
+        commit_filesystem(path)
+        space = free_space(path)
     if space.free_bytes < MIN_FREE_BYTES:
         raise CacheError(
             "%s %s is full (%d KiB free; No space left on device); free space on it (lower keep, or delete "

@@ -8,6 +8,7 @@ free space, atomic writes."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -268,3 +269,15 @@ def free_space(path):
     vfs = os.statvfs(path)
     return Space(vfs.f_bavail * vfs.f_frsize, vfs.f_favail if vfs.f_files else None,
                  bool(vfs.f_flag & os.ST_RDONLY))
+
+
+def commit_filesystem(path):
+    """syncfs(2) of the filesystem that holds path (best effort). btrfs gives the
+    space of deleted files (a failed copy's temporary file) back only when it
+    commits its transaction, up to 30 s later: until then statvfs counts it as used."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ctypes.CDLL(None, use_errno=True).syncfs(fd)
+        finally:
+            os.close(fd)
