@@ -7,13 +7,15 @@ module made (recorded by the tracer in tests/reliability/inject), run bare.
 Writes bench/results.json and docs/performance.md.
 
 Usage: bench/run.py [--rounds N] [SECTION ...]
-  sections: backup iso compression grow playbook (default: all); "report"
+  sections: backup pull iso compression grow playbook (default: all); "report"
   alone rewrites docs/performance.md from bench/results.json
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import datetime
 import glob
 import json
@@ -25,17 +27,24 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests/lib"))
 from module_run import run_module, timed  # noqa: E402  (after the path insert)
 from sandbox import require_root_namespace, sandbox  # noqa: E402
+from sshd import make_key, running_sshd  # noqa: E402
 
 BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
 RESULTS = os.path.join(HERE, "results.json")  # kept between runs: a run of some sections updates only those
 REPORT = os.path.join(REPO, "docs/performance.md")
 GOAL = 1.15
+PULL_GOAL = 1.10
+# Pulls at once in the concurrency figures (one cache, snapper config and lock each).
+PULLS_AT_ONCE = (1, 2, 4)
+# The client's mount table as the controller gives it: the tree is one filesystem.
+CLIENT_MOUNTINFO = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n"
 GIB = 1 << 30
 SMALL_FILES = 200000
 PRESETS = {
@@ -188,6 +197,180 @@ def bench_backup(work, volume, rounds, data):
         log("backup %s 1%% changed: %s" % (name, entry["one_percent_changed"]))
         entry["rounds"] = rounds
         results[name] = entry
+    return results
+
+
+def bench_pull(work, volume, rounds, data):
+    """snapper_cache pulling each tree over SSH from a test sshd on 127.0.0.1
+    (the key restricted to rrsync -ro, as the backup_server role installs it),
+    against the same rsync -e ssh run bare, and rsnapshot pulling the same
+    tree with the same rsync options and exclusions; then several pulls at
+    once against as many bare rsyncs at once."""
+    results = {}
+    keys = os.path.join(work, "pull-keys")
+    os.makedirs(keys)
+    with running_sshd(os.path.join(work, "pull-sshd")) as sshd:
+        pinned = " ".join(sshd.host_key_line.split()[:2])
+        for name, source in data.items():
+            key = make_key(keys, name)
+            sshd.authorize(key, 'restrict,command="/usr/bin/rrsync -ro %s"' % source)
+            remote = {"host": "127.0.0.1", "port": sshd.port, "user": "root", "identity_file": key.path,
+                      "host_keys": [sshd.host_key_line], "mountinfo": CLIENT_MOUNTINFO}
+            base = os.path.join(volume, "pull-" + name)
+            os.makedirs(base)
+            params = {"base_dir": base, "keep": 3, "snapper_config": "bench-pull-" + name, "remote": remote}
+            log("pull %s: first pull" % name)
+            first, tools = traced(work, "snapper_cache", params)
+            rsync_argv = tool_argv(tools, "rsync", without=["--dry-run"])
+            entry = {"files": first.result["transfer"]["files_total"], "bytes": first.result["transfer"]["total_size"],
+                     "first_pull_seconds": round(first.seconds, 2), "rounds": rounds}
+            rsnapshot = Rsnapshot(work, volume, name, sshd, key, rsync_argv)
+            log("pull %s: rsnapshot's first pull" % name)
+            entry["rsnapshot_first_seconds"] = round(rsnapshot.run()[0], 2)
+            rng = random.Random("pull one percent " + name)
+            files = regular_files(source)
+            changeable = [path for path in files if "/usr/share/" in path or name == "synthetic"]
+            for case in ("unchanged", "one_percent_changed"):
+                module_times, rsync_times, rsnapshot_times, rss, snapshots_taken = [], [], [], [], 0
+                for _round in range(rounds):
+                    # Each of the three finds the same change: the tree changes before each run.
+                    if case != "unchanged":
+                        touch_one_percent(files, rng, changeable)
+                    before = snapshot_count(base)
+                    outcome, _tools = traced(work, "snapper_cache", params)
+                    snapshots_taken += snapshot_count(base) - before
+                    assert outcome.result["changed"] == (case != "unchanged"), outcome.result["operations"]
+                    module_times.append(outcome.seconds)
+                    rss.append(outcome.max_rss_kib)
+                    if case != "unchanged":
+                        touch_one_percent(files, rng, changeable)
+                    rsync_times.append(bare_pull(rsync_argv, pinned))
+                    if case != "unchanged":
+                        touch_one_percent(files, rng, changeable)
+                    rsnapshot_times.append(rsnapshot.run()[0])
+                item = dict(against_rsync(module_times, rsync_times, rss),
+                            rsnapshot_seconds=round(statistics.median(rsnapshot_times), 3))
+                if case == "unchanged":
+                    item["snapshots_taken"] = snapshots_taken
+                else:
+                    item["files_changed"] = max(1, len(files) // 100)
+                entry[case] = item
+                log("pull %s %s: %s" % (name, case.replace("_", " "), item))
+            results[name] = entry
+            run_module(work, "snapper_cache", dict(params, state="absent"))
+            rsnapshot.remove()
+        name, source = next(iter(data.items()))
+        key = make_key(keys, name + "-at-once")
+        sshd.authorize(key, 'restrict,command="/usr/bin/rrsync -ro %s"' % source)
+        results["at_once"] = pulls_at_once(work, volume, sshd, key, pinned, name)
+    return results
+
+
+@contextlib.contextmanager
+def module_known_hosts(argv, pinned):
+    """The known_hosts file the -e of the module's rsync argv names (the
+    module's private one, gone with its run), made again for bare runs."""
+    rsh = argv[argv.index("-e") + 1]
+    known_hosts = re.search(r"UserKnownHostsFile=([^\s']+)", rsh).group(1)
+    os.makedirs(os.path.dirname(known_hosts), mode=0o700)
+    try:
+        with open(known_hosts, "w") as handle:
+            handle.write("liveclone-client %s\n" % pinned)
+        yield
+    finally:
+        shutil.rmtree(os.path.dirname(known_hosts))
+
+
+def bare_pull(argv, pinned):
+    """The module's rsync over ssh, run bare: its wall time."""
+    with module_known_hosts(argv, pinned):
+        return bare(argv)[0]
+
+
+class Rsnapshot:
+    """rsnapshot (the peer) pulling the same tree through the same sshd and
+    key: the module's rsync options and exclusions, one retain level of 3."""
+
+    def __init__(self, work, volume, name, sshd, key, rsync_argv):
+        self.root = os.path.join(volume, "rsnapshot-" + name)
+        self.config = os.path.join(work, "rsnapshot-%s.conf" % name)
+        ssh_args = " ".join(sshd.ssh_argv(key)[1:-2])
+        excludes = [word.split("=", 1)[1] for word in rsync_argv if word.startswith("--exclude=")]
+        lines = [("config_version", "1.2"), ("snapshot_root", self.root + "/"), ("no_create_root", "0"),
+                 ("cmd_cp", "/bin/cp"), ("cmd_rm", "/bin/rm"), ("cmd_rsync", "/usr/bin/rsync"),
+                 ("cmd_ssh", "/usr/bin/ssh"), ("rsync_short_args", "-aAXHS"),
+                 ("rsync_long_args", "--delete --numeric-ids --relative --delete-excluded"),
+                 ("ssh_args", ssh_args), ("lockfile", os.path.join(work, "rsnapshot-%s.pid" % name)),
+                 ("retain", "alpha\t3")]
+        lines += [("exclude", pattern) for pattern in excludes]
+        lines.append(("backup", "root@127.0.0.1:/\tclient/"))
+        with open(self.config, "w") as handle:
+            handle.write("".join("%s\t%s\n" % line for line in lines))
+        run(["rsnapshot", "-c", self.config, "configtest"])
+
+    def run(self):
+        seconds, rss, _out, cpu = bare(["rsnapshot", "-c", self.config, "alpha"])
+        return seconds, rss, cpu
+
+    def remove(self):
+        shutil.rmtree(self.root)
+
+
+def cpu_ticks():
+    """The machine's CPU time so far, from /proc/stat: (busy, iowait, all) in ticks."""
+    with open("/proc/stat") as handle:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(word) for word in handle.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, iowait, busy + idle + iowait
+
+
+def cpu_share(before):
+    """Of all the machine's CPU time since before: the busy and the iowait shares (every process: the
+    client's sshd and rsync too, which are not the benchmark's children)."""
+    after = cpu_ticks()
+    total = max(1, after[2] - before[2])
+    return {"busy": round((after[0] - before[0]) / total, 2), "iowait": round((after[1] - before[1]) / total, 2)}
+
+
+def pulls_at_once(work, volume, sshd, key, pinned, name):
+    """Full pulls of the same client tree into N caches at once (N modules),
+    against N bare rsyncs at once: wall time, CPU time, and throughput."""
+    remote = {"host": "127.0.0.1", "port": sshd.port, "user": "root", "identity_file": key.path,
+              "host_keys": [sshd.host_key_line], "mountinfo": CLIENT_MOUNTINFO}
+    results = {"tree": name, "cores": os.cpu_count(), "runs": []}
+    for count in PULLS_AT_ONCE:
+        caches = [{"base_dir": os.path.join(volume, "at-once-%d-%d" % (count, index)), "keep": 3,
+                   "snapper_config": "bench-at-once-%d-%d" % (count, index), "remote": remote}
+                  for index in range(count)]
+        for params in caches:
+            os.makedirs(params["base_dir"])
+        log("pull %d at once: modules" % count)
+        started, cpu_before = time.monotonic(), cpu_ticks()
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            outcomes = list(pool.map(lambda params: must(run_module(work, "snapper_cache", params), "pull"),
+                                     caches))
+        module_seconds, module_cpu = time.monotonic() - started, cpu_share(cpu_before)
+        byte_count = sum(outcome.result["transfer"]["total_size"] for outcome in outcomes)
+        # The same copies bare: the module's rsync argv into fresh directories.
+        _outcome, tools = traced(work, "snapper_cache", caches[0])
+        argv = tool_argv(tools, "rsync", without=["--dry-run"])
+        targets = [os.path.join(volume, "at-once-bare-%d-%d" % (count, index)) for index in range(count)]
+        log("pull %d at once: bare rsync" % count)
+        started, cpu_before = time.monotonic(), cpu_ticks()
+        with module_known_hosts(argv, pinned), concurrent.futures.ThreadPoolExecutor(count) as pool:
+            list(pool.map(bare, [argv[:-1] + [target + "/"] for target in targets]))
+        rsync_seconds, rsync_cpu = time.monotonic() - started, cpu_share(cpu_before)
+        entry = {"pulls": count, "module_seconds": round(module_seconds, 2), "rsync_seconds": round(rsync_seconds, 2),
+                 "ratio": round(module_seconds / rsync_seconds, 3), "bytes": byte_count,
+                 "module_mb_per_s": round(byte_count / module_seconds / 10 ** 6, 1),
+                 "rsync_mb_per_s": round(byte_count / rsync_seconds / 10 ** 6, 1),
+                 "module_cpu": module_cpu, "rsync_cpu": rsync_cpu}
+        results["runs"].append(entry)
+        log("pull %d at once: %s" % (count, entry))
+        for params in caches:
+            run_module(work, "snapper_cache", dict(params, state="absent"))
+        for target in targets:
+            shutil.rmtree(target)
     return results
 
 
@@ -373,6 +556,45 @@ def write_report(results):
                 chart.append(("%s %s" % (name, "unchanged" if case == "unchanged" else "1%"), item["ratio"]))
         lines += ["", "Snapshots taken by the unchanged runs: %s." % ", ".join(
             "%s %d" % (name, entry["unchanged"]["snapshots_taken"]) for name, entry in backup.items()), ""]
+    pull = results.get("pull")
+    if pull:
+        trees = {name: entry for name, entry in pull.items() if name != "at_once"}
+        rounds = next(iter(trees.values()))["rounds"]
+        lines += ["## Pulls over SSH (snapper_cache with remote, against the same rsync -e ssh bare, and rsnapshot; "
+                  "%s rounds)" % rounds, "",
+                  "A test sshd on 127.0.0.1 serves each tree through a key restricted to `rrsync -ro`, as the "
+                  "backup_server role installs it. The module's time includes its checks of the key (a probe and a "
+                  "dry-run push: two ssh connections) and the snapshot; rsnapshot runs with the same rsync options "
+                  "and exclusions and rotates one level of 3 (`cp -al`).", "",
+                  "| data | files | size | case | module s | rsync s | ratio | goal 1.10 | rsnapshot s | module / "
+                  "rsnapshot | peak RSS MiB |",
+                  "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for name, entry in trees.items():
+            for case in ("unchanged", "one_percent_changed"):
+                item = entry[case]
+                lines.append("| %s | %d | %d MB | %s | %.2f | %.2f | %.2f | %s | %.2f | %.2f | %s |" % (
+                    name, entry["files"], entry["bytes"] // 10 ** 6, case.replace("_", " "), item["module_seconds"],
+                    item["rsync_seconds"], item["ratio"], "met" if item["ratio"] <= PULL_GOAL else "missed",
+                    item["rsnapshot_seconds"], item["module_seconds"] / item["rsnapshot_seconds"],
+                    item["peak_rss_mib"]))
+                chart.append(("pull %s %s" % (name, "unchanged" if case == "unchanged" else "1%"), item["ratio"]))
+        lines += ["", "First (full) pulls: %s." % ", ".join(
+            "%s %.1f s (rsnapshot %.1f s)" % (name, entry["first_pull_seconds"], entry["rsnapshot_first_seconds"])
+            for name, entry in trees.items()), ""]
+        at_once = pull.get("at_once")
+        if at_once:
+            lines += ["### Several full pulls at once (the %s tree, %d cores)" % (at_once["tree"], at_once["cores"]),
+                      "", "Each pull has its own cache, snapper config and lock. Busy and iowait are shares of all "
+                      "the machine's CPU time during the batch (the client's sshd and rsync included).", "",
+                      "| pulls | module s | bare rsync s | ratio | module MB/s | rsync MB/s | busy (module) "
+                      "| iowait (module) | busy (rsync) |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for item in at_once["runs"]:
+                lines.append("| %d | %.1f | %.1f | %.2f | %.1f | %.1f | %.0f%% | %.0f%% | %.0f%% |" % (
+                    item["pulls"], item["module_seconds"], item["rsync_seconds"], item["ratio"],
+                    item["module_mb_per_s"], item["rsync_mb_per_s"], 100 * item["module_cpu"]["busy"],
+                    100 * item["module_cpu"]["iowait"], 100 * item["rsync_cpu"]["busy"]))
+            lines.append("")
     iso = results.get("iso")
     if iso:
         title = "## ISO from a snapshot (live_iso against mksquashfs + grub-mkrescue; %s rounds)" % (
@@ -439,7 +661,7 @@ def write_report(results):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("sections", nargs="*", default=["backup", "iso", "compression", "grow", "playbook"])
+    parser.add_argument("sections", nargs="*", default=["backup", "pull", "iso", "compression", "grow", "playbook"])
     options = parser.parse_args()
     results = {}
     if os.path.exists(RESULTS):
@@ -453,7 +675,7 @@ def main():
         raise SystemExit(problem)
     results.update(machine=machine())
     with sandbox("liveclone-bench-") as work:
-        needs_volume = {"backup", "iso"} & set(options.sections)
+        needs_volume = {"backup", "pull", "iso"} & set(options.sections)
         volume = os.path.join(work, "volume")
         if needs_volume:
             image = os.path.join(work, "volume.img")
@@ -466,13 +688,16 @@ def main():
             if needs_volume:
                 log("data: a copy of the Debian tree and %d small files" % SMALL_FILES)
                 data = {"debian": debian_copy(work), "synthetic": synthetic_tree(work)}
+            if {"backup", "iso"} & set(options.sections):
                 results["backup"] = bench_backup(work, volume, options.rounds, data)
             if "iso" in options.sections:
                 results["iso"] = bench_iso(work, volume, max(1, options.rounds // 2))
-            if needs_volume:
+            if {"backup", "iso"} & set(options.sections):
                 for name in data:
                     run_module(work, "snapper_cache", {"base_dir": os.path.join(volume, name + "_backup"),
                                                        "snapper_config": "bench-" + name, "state": "absent"})
+            if "pull" in options.sections:
+                results["pull"] = bench_pull(work, volume, options.rounds, data)
             if "compression" in options.sections:
                 results["compression"] = bench_compression(work)
             if "grow" in options.sections:

@@ -5,11 +5,13 @@
 # section (the playbook section boots a lab VM and runs backup_then_build.yml
 # twice under emulation).
 # Usage: scripts/bench.sh [--rounds N] [SECTION...]
-#   (sections: backup iso compression grow playbook; default all;
+#   (sections: backup pull iso compression grow playbook; default all;
 #    "report" alone rewrites docs/performance.md from bench/results.json)
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-bootstrap test
+# The peers measured beside the modules are the bench profile's (rsnapshot).
+bootstrap test bench
+provide_test_sshd
 stage_collection
 # Loop filesystems and the covered /etc/snapper vanish with the namespace.
 unshare --mount --propagation private -- "$VENV/bin/python" "$REPO/bench/run.py" "$@"

@@ -47,7 +47,7 @@ install_get_pip_stand_in() {
     install -m 0644 scripts/ansible_test_get_pip.py "$HOME/.ansible/test/cache/get_pip_${version//./_}.py"
 }
 
-# bootstrap PROFILE: install bindep.txt's packages for PROFILE and the venv.
+# bootstrap PROFILE...: install bindep.txt's packages for the profiles and the venv.
 bootstrap() {
     [ "$(id -u)" = 0 ] || die "run as root (the modules manage loop devices and mounts)"
     cd "$REPO"
@@ -56,7 +56,7 @@ bootstrap() {
     make_venv "$VENV" requirements.txt
     install_get_pip_stand_in
     local missing
-    missing=$(bindep --brief --file bindep.txt "$1" || true)
+    missing=$(bindep --brief --file bindep.txt "$@" || true)
     if [ -n "$missing" ]; then
         step "installing Debian packages: $missing"
         # shellcheck disable=SC2086  # one word per package
