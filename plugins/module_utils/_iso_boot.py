@@ -199,7 +199,9 @@ class BootMaker:
 
     def make_iso(self, iso_root, output, epoch):
         stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
-        argv = ["env", "SOURCE_DATE_EPOCH=%d" % epoch, "grub-mkrescue", "--output", output, iso_root, "--",
+        # mtools writes efi.img's FAT dates in local time: in UTC, the same
+        # source gives the same bytes on a builder in any time zone.
+        argv = ["env", "TZ=UTC", "SOURCE_DATE_EPOCH=%d" % epoch, "grub-mkrescue", "--output", output, iso_root, "--",
                 "-volid", self.desired.label,
                 "-volume_date", "uuid", stamp,
                 "-volume_date", "all_file_dates", "=%d" % epoch]

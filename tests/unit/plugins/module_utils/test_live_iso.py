@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -567,3 +569,32 @@ def test_check_mode_and_a_real_run_carry_the_same_plan(tmp_path, monkeypatch):
     assert "size" not in results[True].values and results[False].values["size"] == 7
     assert results[False].warnings == ["a warning of the read"]
     assert not os.listdir(tmp_path / "iso")  # the work tree and the temporary ISO are gone
+
+
+class ToolRunner:
+    """Runs the real tool: the one test here about the bytes a tool writes."""
+
+    def run(self, argv, ok_rcs=(0,), data=None):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert done.returncode in ok_rcs, done.stderr
+        return done.returncode, done.stdout
+
+
+def test_iso_bytes_do_not_depend_on_the_builders_time_zone(tmp_path, monkeypatch):
+    """grub-mkrescue's efi.img is a FAT image whose file dates mtools writes in
+    local time: the same source built on hosts in other time zones gave other
+    bytes until make_iso ran it in UTC."""
+    epoch = 1700000000
+    root = tmp_path / "iso-root"
+    (root / "boot/grub").mkdir(parents=True)
+    (root / "boot/grub/grub.cfg").write_text("set timeout=1\n")
+    for path in (root / "boot/grub/grub.cfg", root / "boot/grub", root / "boot", root):
+        os.utime(path, (epoch, epoch))
+    digests = {}
+    for zone in ("UTC", "America/New_York", "Asia/Tokyo"):
+        monkeypatch.setenv("TZ", zone)
+        output = tmp_path / ("%s.iso" % zone.replace("/", "_"))
+        runner = ToolRunner()
+        boot.BootMaker(runner, desired(), image_.ImageEditor(runner, desired())).make_iso(str(root), str(output), epoch)
+        digests[zone] = hashlib.sha256(output.read_bytes()).hexdigest()
+    assert len(set(digests.values())) == 1, digests
