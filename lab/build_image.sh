@@ -13,6 +13,8 @@ packages=(
     # backstore, rootfs_backup, live_iso roles
     e2fsprogs xfsprogs btrfs-progs dosfstools rsync snapper squashfs-tools xorriso grub-common grub-pc-bin
     grub-efi-amd64-bin mtools openssl zstd
+    # an ISO built from this machine boots with Secure Boot on (its own signed shim, GRUB and kernel)
+    shim-signed grub-efi-amd64-signed shim-helpers-amd64-signed
     # an ISO built from this machine boots with live-boot
     live-boot live-config live-config-systemd sudo
 )

@@ -2,9 +2,10 @@
 a GRUB entry, log in, run commands, power off. Used by the end-to-end tests
 and the main command.
 
-usage: live_console.py ISO USER PASSWORD
-  boots the ISO's first entry, logs in, and prints JSON: the GRUB menu, the
-  login prompt and when it came, and the user's groups.
+usage: live_console.py ISO USER PASSWORD [FIRMWARE]
+  boots the ISO's first entry (FIRMWARE bios, the default, uefi, or secboot:
+  UEFI with Secure Boot enforcing), logs in, and prints JSON: the GRUB menu,
+  the login prompt and when it came, and the user's groups.
 
     with LiveMachine(iso, work_dir, disks=[stick], ssh_port=port) as machine:
         machine.boot(entry=1)              # the second menu entry
@@ -38,6 +39,8 @@ GRUB_MARKER = b"Live system ("
 BOOT_FAILURES = re.compile(rb"Kernel panic - not syncing|\(initramfs\) $|You are in emergency mode"
                            rb"|Give root password for maintenance|Press Enter for maintenance")
 DOWN_ARROW = b"\x1b[B"
+SECBOOT_CODE = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+SECBOOT_VARS = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b.|\r")
 _runs = itertools.count(1)
 
@@ -76,6 +79,14 @@ class LiveMachine:
             ovmf = os.path.join(self.work_dir, "OVMF-%d.fd" % self.run_number)
             shutil.copyfile("/usr/share/ovmf/OVMF.fd", ovmf)
             argv += ["-bios", ovmf]
+        elif self.firmware == "secboot":
+            # Secure Boot enforcing: OVMF's secure build (SMM on q35) and a
+            # fresh copy of the variables with Microsoft's keys enrolled.
+            variables = os.path.join(self.work_dir, "OVMF-%d.vars.fd" % self.run_number)
+            shutil.copyfile(SECBOOT_VARS, variables)
+            argv += ["-machine", "q35,smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on",
+                     "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=%s" % SECBOOT_CODE,
+                     "-drive", "if=pflash,format=raw,unit=1,file=%s" % variables]
         if self.disks:
             argv += ["-device", "qemu-xhci"]
             for number, disk in enumerate(self.disks):
@@ -158,10 +169,8 @@ class LiveMachine:
 
     # --- steps -------------------------------------------------------------
 
-    def boot(self, entry=0, timeout=900):
-        """Wait for GRUB's menu, choose entry (0 = first) and wait for the login prompt.
-        The limit is over three times the slowest boot measured under load:
-        a boot that fails (BOOT_FAILURES) ends at once, not at the limit."""
+    def choose(self, entry=0, timeout=900):
+        """Wait for GRUB's menu and choose entry (0 = first)."""
         self.expect(re.escape(GRUB_MARKER), timeout)
         # GRUB prints its countdown once the whole menu is drawn; the first
         # key stops it.
@@ -169,6 +178,12 @@ class LiveMachine:
         self.send(DOWN_ARROW * entry + b"\r")
         self.timings["menu"] = round(time.monotonic() - self.started, 1)
         self.mark = len(self.console)
+
+    def boot(self, entry=0, timeout=900):
+        """Choose entry and wait for the login prompt. The limit is over three
+        times the slowest boot measured under load: a boot that fails
+        (BOOT_FAILURES) ends at once, not at the limit."""
+        self.choose(entry, timeout)
         self.expect(rb"login: *$", timeout - self.timings["menu"])
         self.timings["login_prompt"] = round(time.monotonic() - self.started, 1)
 
@@ -233,12 +248,12 @@ class LiveMachine:
 
 
 def main(argv):
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         raise SystemExit(__doc__)
-    iso, user, password = argv
+    iso, user, password = argv[:3]
     work = tempfile.mkdtemp(prefix="live-console-")
     try:
-        with LiveMachine(iso, work) as machine:
+        with LiveMachine(iso, work, firmware=argv[3] if len(argv) == 4 else "bios") as machine:
             machine.boot(entry=0)
             prompt = [line.strip() for line in machine.text().splitlines() if line.rstrip().endswith("login:")]
             machine.login(user, password)

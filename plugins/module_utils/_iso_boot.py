@@ -4,7 +4,9 @@
 
 """What makes the image's copy boot, and the bytes of the ISO: the chroot
 (its kernel filesystems), live packages, the initramfs, the squashfs, GRUB's
-configuration and boot files, grub-mkrescue, and the EFI image's serial."""
+configuration and boot files, the UEFI boot image (the image's own signed
+chain for Secure Boot, or grub-mkrescue's), grub-mkrescue, and the EFI
+image's serial."""
 
 from __future__ import annotations
 
@@ -20,16 +22,27 @@ from ._beneath import Tree
 from ._command import CommandError
 from ._fs import free_space, symlink_on
 from ._iso_desired import IsoError
+from ._iso_secure_boot import describe as describe_chain
+from ._iso_secure_boot import find_chain, inspect
 from ._iso_source import kernels
 
 MIB = 1024 * 1024
 # What grub-mkrescue adds to the files of the ISO tree: its BIOS and EFI images.
 ISO_OVERHEAD = 32 * MIB
 SERIAL_CONSOLE = "console=tty0 console=ttyS0,115200n8"
-# Where the chroot of the image gets its kernel filesystems, in mount order.
+# Where the chroot of the image gets its kernel filesystems, in mount order
+# (mode None: the point lies in a filesystem mounted before it). The build
+# host's firmware is hidden under an empty read-only tmpfs: on an EFI host,
+# the postinst of shim-signed or grub-efi-amd64-signed would otherwise run
+# grub-install and write the host's EFI variables and ESP.
 CHROOT_MOUNTS = ((["mount", "-t", "proc", "proc"], "proc", 0o555), (["mount", "-t", "sysfs", "sysfs"], "sys", 0o555),
+                 (["mount", "-t", "tmpfs", "-o", "ro,size=4k,mode=0555", "tmpfs"], "sys/firmware", None),
                  (["mount", "--bind", "/dev"], "dev", 0o755), (["mount", "-t", "devpts", "devpts"], "dev/pts", 0o755),
                  (["mount", "-t", "tmpfs", "tmpfs"], "run", 0o755), (["mount", "-t", "tmpfs", "tmpfs"], "tmp", 0o1777))
+# The UEFI boot image of the signed chain: (the chain's piece, its name in efi.img).
+EFI_FILES = (("shim", "EFI/boot/bootx64.efi"), ("grub", "EFI/boot/grubx64.efi"), ("mok_manager", "EFI/boot/mmx64.efi"))
+# Room in efi.img beside its files (FAT tables, directories, the stub grub.cfg).
+EFI_SLACK = 512 * 1024
 COMPRESSORS = {"zstd": "-Xcompression-level", "gzip": "-Xcompression-level", "xz": None, "lz4": None}
 
 
@@ -101,7 +114,8 @@ class BootMaker:
         # there is replaced): a mount never goes through a link out of the image.
         with Tree(rootfs) as tree:
             for _argv, point, mode in CHROOT_MOUNTS:
-                self.editor.real_dir(tree, point, mode)
+                if mode is not None:
+                    self.editor.real_dir(tree, point, mode)
         done = []
         try:
             for argv, point, _mode in CHROOT_MOUNTS:
@@ -110,6 +124,9 @@ class BootMaker:
                     raise IsoError("%s is not a real directory of the image; not mounting there" % target)
                 self.runner.run(argv + [target])
                 done.append(target)
+            if os.listdir(os.path.join(rootfs, "sys/firmware")):
+                raise IsoError("the build host's firmware is still visible in the image's chroot; not running "
+                               "package scripts there (they could write the host's EFI variables)")
             yield
         finally:
             for target in reversed(done):
@@ -169,7 +186,9 @@ class BootMaker:
         return {"size": size, "uncompressed_size": uncompressed,
                 "compression_ratio": round(uncompressed / size, 2) if uncompressed else None}
 
-    def boot_files(self, rootfs, iso_root):
+    def boot_files(self, rootfs, iso_root, secure_boot):
+        """The kernel, initrd and grub.cfg in the ISO tree; with secure_boot,
+        .disk/info, by which the signed CD GRUB finds its medium."""
         with Tree(rootfs) as tree:
             found = kernels(tree, "the image")
             if not found:
@@ -180,6 +199,47 @@ class BootMaker:
             _copy_out(tree, kernel, os.path.join(iso_root, "live/vmlinuz"))
             _copy_out(tree, initrd, os.path.join(iso_root, "live/initrd.img"))
         _write(os.path.join(iso_root, "boot/grub/grub.cfg"), grub_config(self.desired))
+        if secure_boot:
+            os.mkdir(os.path.join(iso_root, ".disk"))
+            _write(os.path.join(iso_root, ".disk/info"), "%s live system\n" % self.desired.label)
+
+    def signed_efi_image(self, rootfs, work, iso_root, epoch):
+        """efi.img in the ISO tree from the image's own shim, signed GRUB and
+        MokManager, with a grub.cfg that finds this ISO by its uuid; returns
+        the chain's report. IsoError when a piece is missing or SBAT refuses it."""
+        pieces = os.path.join(work, "efi")
+        os.mkdir(pieces)
+        with Tree(rootfs) as tree:
+            chain = find_chain(tree, "the image")
+            report, warnings = inspect(tree, chain, "the image")
+            files = []
+            for piece, name in EFI_FILES:
+                relative = getattr(chain, piece)
+                if relative:
+                    copy = os.path.join(pieces, os.path.basename(name))
+                    _copy_out(tree, relative, copy)
+                    files.append((copy, name))
+        self.editor.warnings += warnings
+        stub = os.path.join(pieces, "grub.cfg")
+        # The signed GRUB sources $prefix/grub.cfg, $prefix being /boot/grub
+        # on efi.img: it finds this ISO by its uuid, not the first medium with a .disk/info.
+        _write(stub, "search --no-floppy --fs-uuid --set=root %s\nset prefix=($root)/boot/grub\n"
+                     "source $prefix/grub.cfg\n" % iso_uuid(epoch))
+        files.append((stub, "boot/grub/grub.cfg"))
+        image = os.path.join(iso_root, "efi.img")
+        sectors = -(-(sum(os.path.getsize(path) for path, _name in files) + EFI_SLACK) // MIB) * (MIB // 512)
+        # mtools stamps FAT dates from SOURCE_DATE_EPOCH in local time: UTC, as for grub-mkrescue.
+        env = ["env", "TZ=UTC", "SOURCE_DATE_EPOCH=%d" % epoch]
+        try:
+            self.runner.run(env + ["mformat", "-i", image, "-C", "-T", str(sectors), "-h", "16", "-s", "63",
+                                   "-N", "%08x" % efi_serial(epoch), "-v", "EFIBOOT", "::"])
+            self.runner.run(env + ["mmd", "-i", image, "::/EFI", "::/EFI/boot", "::/boot", "::/boot/grub"])
+            for path, name in files:
+                self.runner.run(env + ["mcopy", "-i", image, path, "::/" + name])
+        except CommandError as error:
+            raise IsoError("making the UEFI boot image (efi.img) failed: %s" % error) from None
+        self.editor.found.append(describe_chain(report))
+        return report
 
     def check_room(self, iso_root):
         """Refuse before writing when the ISO cannot fit beside dest."""
@@ -197,14 +257,23 @@ class BootMaker:
                            directory, "about %d MiB needed, " % (needed // MIB) if needed else "",
                            free // MIB, detail))
 
-    def make_iso(self, iso_root, output, epoch):
+    def make_iso(self, iso_root, output, epoch, signed):
+        """The ISO from iso_root. signed: efi.img is in iso_root already (the
+        signed chain), and grub-mkrescue makes only the BIOS boot image;
+        otherwise it makes both, its efi.img with the host's unsigned GRUB."""
         stamp = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
         # mtools writes efi.img's FAT dates in local time: in UTC, the same
         # source gives the same bytes on a builder in any time zone.
-        argv = ["env", "TZ=UTC", "SOURCE_DATE_EPOCH=%d" % epoch, "grub-mkrescue", "--output", output, iso_root, "--",
-                "-volid", self.desired.label,
-                "-volume_date", "uuid", stamp,
-                "-volume_date", "all_file_dates", "=%d" % epoch]
+        argv = ["env", "TZ=UTC", "SOURCE_DATE_EPOCH=%d" % epoch, "grub-mkrescue"]
+        if signed:
+            argv += ["-d", "/usr/lib/grub/i386-pc"]
+        argv += ["--output", output, iso_root, "--",
+                 "-volid", self.desired.label,
+                 "-volume_date", "uuid", stamp,
+                 "-volume_date", "all_file_dates", "=%d" % epoch]
+        if signed:
+            # The same El Torito entry and GPT partition grub-mkrescue gives its own efi.img.
+            argv += ["-as", "mkisofs", "--efi-boot", "efi.img", "-efi-boot-part", "--efi-boot-image", "--"]
         try:
             self.runner.run(argv)
         except CommandError as error:
@@ -213,7 +282,8 @@ class BootMaker:
             raise IsoError("making the ISO failed: %s" % error) from None
         if not os.path.getsize(output):
             raise IsoError("grub-mkrescue made an empty ISO")
-        self._fix_efi_serial(output, epoch)
+        if not signed:
+            self._fix_efi_serial(output, epoch)
 
     def _fix_efi_serial(self, iso, epoch):
         """Give the EFI system image a volume serial derived from the epoch.
@@ -227,7 +297,7 @@ class BootMaker:
         if not match:
             raise IsoError("cannot find efi.img in %s to make it reproducible" % iso)
         sector = int(match.group(1)) * 2048
-        serial = hashlib.sha256(b"efi.img %d" % epoch).digest()[:4]
+        serial = efi_serial(epoch).to_bytes(4, "little")
         with open(iso, "r+b") as handle:
             handle.seek(sector)
             boot = handle.read(512)
@@ -239,6 +309,16 @@ class BootMaker:
                 raise IsoError("efi.img in %s is not a FAT image" % iso)
             handle.seek(sector + offset)
             handle.write(serial)
+
+
+def efi_serial(epoch):
+    """efi.img's FAT volume serial, derived from the epoch (mformat picks a random one)."""
+    return int.from_bytes(hashlib.sha256(b"efi.img %d" % epoch).digest()[:4], "little")
+
+
+def iso_uuid(epoch):
+    """The ISO's uuid as GRUB's search --fs-uuid reads it: the volume date that make_iso sets."""
+    return time.strftime("%Y-%m-%d-%H-%M-%S-00", time.gmtime(epoch))
 
 
 def _copy_out(tree, relative, dest):

@@ -35,7 +35,16 @@ from ._fs import is_within, read_mounts, write_atomically
 from ._iso_boot import BootMaker
 from ._iso_desired import WORK_PREFIX, IsoError
 from ._iso_image import ImageEditor, remove_excluded
-from ._iso_state import MANIFEST_VERSION, STALE_ACTIONS, IsoReader, diff_view, hash_file, plan, sha256_of
+from ._iso_state import (
+    MANIFEST_VERSION,
+    STALE_ACTIONS,
+    IsoReader,
+    diff_view,
+    hash_file,
+    plan,
+    sha256_of,
+    uefi_chain,
+)
 from ._lock import DEFAULT_TIMEOUT, Lock
 from ._plan import Operation, Result, execute
 from ._rsync import RSYNC_VANISHED, copy_argv
@@ -180,11 +189,13 @@ class IsoApplier:
         with self._stage("squashfs"):
             squash = boot.squashfs(rootfs, os.path.join(iso_root, "live/filesystem.squashfs"), source.epoch)
         with self._stage("bootloader"):
-            boot.boot_files(rootfs, iso_root)
+            boot.boot_files(rootfs, iso_root, current.secure_boot)
+            chain = boot.signed_efi_image(rootfs, work, iso_root, source.epoch) if current.secure_boot \
+                else {"enabled": False}
         with self._stage("iso"):
             dest, temp_iso = self.desired.dest, self._temp_iso
             boot.check_room(iso_root)
-            boot.make_iso(iso_root, temp_iso, source.epoch)
+            boot.make_iso(iso_root, temp_iso, source.epoch, current.secure_boot)
             os.chmod(temp_iso, 0o644)
             checksum = sha256_of(temp_iso)
             os.rename(temp_iso, dest)
@@ -193,7 +204,7 @@ class IsoApplier:
             manifest = {"version": MANIFEST_VERSION, "source_identity": source.identity,
                         "options_digest": current.options_digest, "sha256": checksum, "source": source.view(),
                         "size": os.path.getsize(dest), "iso_mtime_ns": os.stat(dest).st_mtime_ns,
-                        "squashfs": squash}
+                        "squashfs": squash, "uefi_chain": uefi_chain(current.secure_boot), "secure_boot": chain}
             write_atomically(self.desired.manifest_path, json.dumps(manifest, indent=2) + "\n")
 
     def _write_checksums(self, sha256):
@@ -214,7 +225,8 @@ def describe(desired, current, stages):
     values = {"path": desired.dest, "label": desired.label, "source": current.source.view(), "stages": stages}
     manifest = current.manifest if current.up_to_date else None
     if manifest:
-        values.update(size=manifest["size"], sha256=manifest["sha256"], squashfs=manifest["squashfs"])
+        values.update(size=manifest["size"], sha256=manifest["sha256"], squashfs=manifest["squashfs"],
+                      secure_boot=manifest.get("secure_boot", {"enabled": False}))
     return values
 
 

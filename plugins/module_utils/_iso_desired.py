@@ -37,10 +37,10 @@ DEFAULTS = dict(
     source_path=None, label="LIVECLONE", hostname="liveclone", live_user="live", live_password=None,
     root_password=None, boot_params=[], persistence=True, installer="none", install_missing=False,
     compression="zstd", compression_level=None, block_size=1048576, exclude=[], keep_home=False,
-    keep_users=[], work_dir=None, checksums=["sha256"], force=False)
+    keep_users=[], work_dir=None, checksums=["sha256"], force=False, secure_boot="auto")
 # The options a build records (as their digest) in its manifest.
 RECORDED_OPTIONS = ("label", "hostname", "live_user", "boot_params", "persistence", "installer", "compression",
-                    "compression_level", "block_size", "exclude", "keep_home", "keep_users", "checksums")
+                    "compression_level", "block_size", "exclude", "keep_home", "keep_users", "checksums", "secure_boot")
 
 
 class IsoError(Exception):
@@ -75,6 +75,7 @@ class Desired:
     work_dir: str | None
     checksums: tuple
     force: bool
+    secure_boot: str
 
     @classmethod
     def from_params(cls, params):

@@ -273,11 +273,20 @@ def kernels(tree, where):
     return sorted(found, key=lambda entry: _version_key(entry[0]))
 
 
+def installed_packages(tree):
+    """{package: version} of what the tree's dpkg status has installed."""
+    text = (read_in_tree(tree, "var/lib/dpkg/status") or b"").decode("utf-8", "replace")
+    installed = {}
+    for block in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and line[:1] != " ")
+        if fields.get("Status") == "install ok installed" and "Package" in fields:
+            installed[fields["Package"]] = fields.get("Version", "")
+    return installed
+
+
 def missing_packages(tree, installer):
     """The live packages (and the installer's) that the tree's dpkg status lacks."""
-    text = (read_in_tree(tree, "var/lib/dpkg/status") or b"").decode("utf-8", "replace")
-    installed = {block.split("\n", 1)[0][9:] for block in text.split("\n\n")
-                 if "Status: install ok installed" in block and block.startswith("Package: ")}
+    installed = installed_packages(tree)
     wanted = list(LIVE_PACKAGES) + (list(CALAMARES_PACKAGES) if installer == "calamares" else [])
     return [name for name in wanted if name not in installed]
 

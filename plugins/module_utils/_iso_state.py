@@ -20,6 +20,7 @@ from ._fs import FS_APPEND_FL, FS_IMMUTABLE_FL, flags_at, free_space, read_file
 from ._iso_boot import ISO_OVERHEAD, MIB
 from ._iso_desired import MANIFEST_SUFFIX, WORK_PREFIX, IsoError
 from ._iso_image import password_hash, read_db, removed_account
+from ._iso_secure_boot import decide as decide_secure_boot
 from ._iso_source import (
     Source,
     copies_by_snapshot,
@@ -34,7 +35,7 @@ from ._plan import Operation
 
 MANIFEST_VERSION = 1
 # What the manifest records of the source and options, shown as the diff.
-RECORDED_KEYS = ("version", "source_identity", "options_digest", "source")
+RECORDED_KEYS = ("version", "source_identity", "options_digest", "source", "uefi_chain")
 # What the room check before the copy assumes at least of the compression: a
 # lower bound (lz4 gives about 2, zstd about 3.3, xz about 4), so that it
 # refuses only a build that cannot fit; the exact check follows the squashfs.
@@ -58,6 +59,7 @@ class Current:
     by_snapshot: bool = False
     excludes: list = field(default_factory=list)
     missing: list = field(default_factory=list)  # live packages the source lacks
+    secure_boot: bool = False  # whether the ISO boots UEFI through the image's signed chain
 
 
 def options_digest(runner, desired):
@@ -117,7 +119,7 @@ class IsoReader:
             # After a build: what it made is current, forced or not.
             return Current(self._first.source, self._first.options_digest, manifest,
                            is_current(self.desired, manifest, self._first.source, self._first.options_digest),
-                           self._first.work_parent)
+                           self._first.work_parent, secure_boot=self._first.secure_boot)
         desired = self.desired
         source = resolve_source(self.runner, desired, self.warnings)
         digest = options_digest(self.runner, desired)
@@ -147,6 +149,8 @@ class IsoReader:
                     "the source lacks %s; install them in the source (apt-get install %s), or set "
                     "install_missing: true to install them into the image from its own repositories"
                     % (", ".join(current.missing), " ".join(current.missing)))
+            current.secure_boot, signed_packages = decide_secure_boot(desired, tree, self.warnings)
+            current.missing += signed_packages
             user = desired.live_user
             if user:
                 for fields in read_db(tree, "etc/passwd", "the source") or []:
@@ -254,7 +258,13 @@ def plan(desired, current):
 def recorded(current):
     """What the manifest records of the source and options (RECORDED_KEYS)."""
     return {"version": MANIFEST_VERSION, "source_identity": current.source.identity,
-            "options_digest": current.options_digest, "source": current.source.view()}
+            "options_digest": current.options_digest, "source": current.source.view(),
+            "uefi_chain": uefi_chain(current.secure_boot)}
+
+
+def uefi_chain(secure_boot):
+    """How the ISO boots UEFI, as the manifest and the diff show it."""
+    return "signed (Secure Boot)" if secure_boot else "unsigned GRUB (Secure Boot off)"
 
 
 def diff_view(desired, current, operations):

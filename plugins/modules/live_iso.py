@@ -36,6 +36,8 @@ description:
     ISO makes an unchanged source with unchanged options a no-op.
   - GRUB's menu and the default entry's console go to the screen and the first
     serial port, so a headless server shows a login prompt on its serial line.
+  - With O(secure_boot) (V(auto) by default) the ISO boots on UEFI with Secure Boot on, through the
+    image's own shim, signed GRUB and signed kernel, never the build host's.
 author:
   - liveclone.core maintainers (@liveclone)
 extends_documentation_fragment:
@@ -193,6 +195,23 @@ options:
     description: Build even when the manifest says the ISO is up to date.
     type: bool
     default: false
+  secure_boot:
+    description:
+      - How the ISO boots on UEFI. The signed chain is taken from the image, never from the build host. It is
+        shim (C(shim-signed)), the signed CD GRUB (C(grub-efi-amd64-signed)), MokManager
+        (C(shim-helpers-amd64-signed) on Debian) and the image's signed kernel.
+      - V(auto) uses the signed chain whenever the source has it (or O(install_missing) installs the missing
+        packages into the image); otherwise it builds the unsigned chain of V(off) and warns that the ISO
+        boots on UEFI only with Secure Boot off.
+      - V(required) fails before anything is copied, naming what the source lacks, when it cannot have the
+        signed chain.
+      - V(off) uses grub-mkrescue's unsigned GRUB from the build host. Quote it in YAML, since a bare C(off) is the
+        boolean false.
+      - The signed chain is refused when shim's SBAT level would refuse the image's GRUB or kernel (they come
+        from different updates); a shim older than 15.8 gives a warning. The BIOS path is the same either way.
+    type: str
+    choices: [auto, required, "off"]
+    default: auto
 seealso:
   - module: liveclone.core.snapper_cache
   - module: liveclone.core.backstore
@@ -240,6 +259,21 @@ squashfs:
   description: Size of the squashfs, the uncompressed size, and their ratio.
   returned: when the ISO exists
   type: dict
+secure_boot:
+  description:
+    - The UEFI chain of the ISO. V(enabled) is true for the signed chain; then V(shim) has the package's
+      version, shim's own version (V(shim_version)), its SBAT generations and the dates of its SBAT levels;
+      V(grub) the package's version and SBAT generations; V(kernel) its package, version and release; and
+      V(mok_manager) whether MokManager is on the ISO.
+  returned: when the ISO exists
+  type: dict
+  sample:
+    enabled: true
+    shim: {package: shim-signed, version: 1.51~1+deb12u1+16.1-2~deb12u1, shim_version: "16.1",
+           sbat: {shim: 4, shim.debian: 1}, sbat_level: {previous: "2025021800", latest: "2025051000"}}
+    grub: {package: grub-efi-amd64-signed, version: 1+2.06+13+deb12u2, sbat: {grub: 5, grub.debian: 5}}
+    kernel: {package: linux-image-6.1.0-28-amd64, version: 6.1.119-1, release: 6.1.0-28-amd64, sbat: {}}
+    mok_manager: true
 stages:
   description: Seconds spent in each stage of the build (copy, configure, initramfs, squashfs, bootloader, iso).
   returned: always
@@ -295,6 +329,7 @@ def main():
             work_dir=dict(type="path"),
             checksums=dict(type="list", elements="str", choices=["sha256", "md5"], default=["sha256"]),
             force=dict(type="bool", default=False),
+            secure_boot=dict(type="str", choices=["auto", "required", "off"], default="auto"),
         ),
         required_if=[("source", "path", ["source_path"])],
         supports_check_mode=True,

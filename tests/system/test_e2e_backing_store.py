@@ -12,17 +12,25 @@ python3, so Ansible can reach the live system to grow its store), with the
 module's default compression: the suite's one ISO of the default preset, and
 it is booted. Each boot is a QEMU run of the ISO with the stick attached over
 USB; a "reboot" is a clean power-off and a new run with the same stick. The
-persistent boots use BIOS firmware, the boot without the store UEFI (OVMF),
-where the live user logs in first and must be in sudo's group."""
+first boot uses BIOS firmware; the boot without the store and the last
+persistent boot use UEFI with Secure Boot enforcing (OVMF's secure build with
+Microsoft's keys), through the chain live_iso took from the image: shim, the
+signed GRUB and the signed kernel. There the live user logs in first and must
+be in sudo's group, and the kernel and the firmware say Secure Boot is on.
+A negative control boots a copy of the ISO whose kernel lost its signature:
+the signed GRUB refuses it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import shutil
 import time
 
 import pytest
-from conftest import ansible_module, run
+from conftest import REPO, ansible_module, run
 from live_console import LiveMachine
 
 from lab import free_port
@@ -58,6 +66,10 @@ def live_iso(sandbox, lab_image):
                                 boot_params=["net.ifnames=0"])
         squashed = [operation for operation in result["operations"] if operation.startswith("squashed")]
         assert squashed and "with zstd" in squashed[0], squashed
+        # The lab image has shim-signed and grub-efi-amd64-signed: secure_boot's default (auto) takes them.
+        chain = result["secure_boot"]
+        assert chain["enabled"] and chain["shim"]["package"] == "shim-signed", chain
+        assert chain["shim"]["sbat"]["shim"] >= 4 and chain["grub"]["sbat"]["grub"] >= 5, chain
         print("ISO built in %.0f s (%d bytes; %s)" % (time.monotonic() - started, result["size"], squashed[0]))
     finally:
         run(["umount", tree])
@@ -103,7 +115,7 @@ def start(machine, entry):
     machine.boot(entry=entry)
     print("boot %d (entry %d, %s): login prompt after %s s"
           % (machine.run_number, entry, machine.firmware, machine.timings["login_prompt"]))
-    if machine.firmware == "uefi":
+    if machine.firmware == "secboot":
         # Under UEFI too: the whole menu on the serial line, and the live
         # user's login with sudo.
         shown = machine.text()
@@ -112,6 +124,12 @@ def start(machine, entry):
         assert "sudo" in machine.check("id -nG").split()
         machine.logout()
     machine.login("root", ROOT_PASSWORD)
+    if machine.firmware == "secboot":
+        # The kernel saw Secure Boot on (the Live entry boots quiet), the
+        # firmware's variable says so, and the kernel locked itself down.
+        assert "secureboot: Secure boot enabled" in machine.check("dmesg | grep -i 'secure boot'")
+        assert machine.check("mokutil --sb-state") == "SecureBoot enabled"
+        assert "[integrity]" in machine.check("cat /sys/kernel/security/lockdown")
 
 
 def persistence_mount(machine):
@@ -162,19 +180,48 @@ def test_backing_store_grow_reboots_and_off(live_iso, stick, ssh_key):
         assert not again["changed"]
         machine.poweroff()
 
-    # A boot without the store, under UEFI: none of the changes, the stick not mounted.
-    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick], firmware="uefi") as machine:
+    # A boot without the store, under Secure Boot: none of the changes, the stick not mounted.
+    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick], firmware="secboot") as machine:
         start(machine, PLAIN)
         assert changes_present(machine) == dict.fromkeys(CHANGES, False)
         assert machine.run("findmnt -n /dev/sda1")[0] != 0
         machine.poweroff()
 
-    # The next persistent boot: every change is back after two reboots, in
-    # the grown store, the data intact.
-    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick]) as machine:
+    # The next persistent boot, under Secure Boot: every change is back after
+    # two reboots, in the grown store, the data intact.
+    with LiveMachine(live_iso, os.path.dirname(stick), disks=[stick], firmware="secboot") as machine:
         start(machine, PERSISTENT)
         assert changes_present(machine) == dict.fromkeys(CHANGES, True)
         assert machine.check("sha256sum /root/e2e-random.bin").split()[0] == before_sum
         _partition, store = persistence_mount(machine)
         assert int(machine.check("findmnt -n -b -o SIZE %s" % store)) == size_after
         machine.poweroff()
+
+
+def test_unsigned_kernel_refused_under_secure_boot(live_iso, sandbox):
+    """The negative control: the same ISO, its kernel's signature taken away
+    (the PE certificate table's entry zeroed, in place), under enforcing
+    firmware. shim and the signed GRUB load (the menu shows); the kernel is refused."""
+    spec = importlib.util.spec_from_file_location("pe", os.path.join(REPO, "plugins/module_utils/_pe.py"))
+    pe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pe)
+    work = os.path.join(sandbox, "unsigned-kernel")
+    os.makedirs(work)
+    iso = os.path.join(work, "unsigned.iso")
+    shutil.copyfile(live_iso, iso)
+    report = run(["xorriso", "-indev", iso, "-find", "/live/vmlinuz", "-exec", "report_lba", "--"]).stdout
+    # "File data lba: extent, start block, blocks, bytes, path"
+    start_block, size = re.search(r"File data lba:\s+\d+\s*,\s*(\d+)\s*,\s*\d+\s*,\s*(\d+)", report).groups()
+    start_byte = int(start_block) * 2048
+    with open(iso, "r+b") as handle:
+        handle.seek(start_byte)
+        kernel = handle.read(int(size))
+        assert pe.is_signed(kernel), "the ISO's kernel carries no signature to take away"
+        handle.seek(start_byte + pe.signature_entry_offset(kernel))
+        handle.write(b"\0" * 8)
+    with LiveMachine(iso, work, firmware="secboot") as machine:
+        machine.choose(PLAIN)
+        machine.expect(rb"bad shim signature", 300)
+        refused_after = time.monotonic() - machine.started - machine.timings["menu"]
+        print("unsigned kernel: refused %.1f s after the menu" % refused_after)
+        assert b"EFI stub" not in machine.console[machine.mark:]

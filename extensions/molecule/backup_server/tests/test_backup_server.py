@@ -110,7 +110,7 @@ def test_restored_file_on_the_client(client):
     assert restored.mode == 0o644
 
 
-def test_client_iso_built_on_the_server_boots(tmp_path, client):
+def test_client_iso_built_on_the_server_boots(tmp_path, client, server):
     client_key = client.check_output("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
     entry = report()["lab-client"]
     iso = os.path.join(ARTIFACTS, "lab-client", "live.iso")
@@ -118,10 +118,16 @@ def test_client_iso_built_on_the_server_boots(tmp_path, client):
     sys.path.insert(0, os.path.join(os.environ["MOLECULE_PROJECT_DIRECTORY"], "lab"))
     from live_console import LiveMachine
 
-    with LiveMachine(iso, str(tmp_path)) as machine:
+    # The client has no signed chain, so the ISO has the unsigned GRUB
+    # (secure_boot auto's fallback): booted under UEFI, without Secure Boot.
+    manifest = json.loads(server.file(entry["iso"] + ".manifest.json").content_string)
+    assert manifest["secure_boot"] == {"enabled": False}
+    assert manifest["uefi_chain"] == "unsigned GRUB (Secure Boot off)"
+    with LiveMachine(iso, str(tmp_path), firmware="uefi") as machine:
         machine.boot(entry=0)
         machine.login("root", ROOT_PASSWORD)
-        print("login prompt after %s s" % machine.timings["login_prompt"])
+        print("login prompt after %s s (UEFI)" % machine.timings["login_prompt"])
+        assert machine.run("test -d /sys/firmware/efi")[0] == 0
         assert machine.check("cat %s" % MARKER) == MARKER_TEXT
         assert machine.check("hostname") == "client-live"
         # What the live system must not carry: a user's home, the user, the

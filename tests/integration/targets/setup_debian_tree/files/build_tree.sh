@@ -4,7 +4,7 @@
 # under $LIVECLONE_CACHE (default /var/cache/liveclone), keyed by the package
 # list; built under a temporary name and renamed, so a killed build is redone.
 set -euo pipefail
-packages=linux-image-amd64,systemd-sysv,live-boot,live-config,live-config-systemd,openssh-server,sudo,zstd
+packages=linux-image-amd64,systemd-sysv,live-boot,live-config,live-config-systemd,openssh-server,sudo,zstd,shim-signed,grub-efi-amd64-signed,shim-helpers-amd64-signed
 cache=${LIVECLONE_CACHE:-/var/cache/liveclone}
 key=$(printf 'bookworm %s' "$packages" | sha256sum | cut -c1-12)
 tree=$cache/trees/bookworm-live-$key
