@@ -19,7 +19,7 @@ COLLECTION_DIR = REPO
 # tests/lib: the sandbox shared with the reliability tier.
 sys.path.insert(0, os.path.join(REPO, "lab"))
 sys.path.insert(0, os.path.join(REPO, "tests/lib"))
-from sandbox import require_root_namespace  # noqa: E402  (after the path insert)
+from sandbox import mounted_under, require_root_namespace  # noqa: E402  (after the path insert)
 from sandbox import sandbox as liveclone_sandbox  # noqa: E402
 
 BUILD_TREE = os.path.join(REPO, "tests/integration/targets/setup_debian_tree/files/build_tree.sh")
@@ -100,3 +100,12 @@ def installed_collections(tmp_path_factory, collection_tarball):
 def tarball_members(tarball):
     with tarfile.open(tarball) as archive:
         return archive.getnames()
+
+
+def release_backup_disks(work, devices):
+    """Unmount each host's backup volume (work/HOST_backup) and detach its loop device, whatever happened."""
+    for host, device in devices.items():
+        base = os.path.join(work, "%s_backup" % host)
+        if mounted_under(base):
+            subprocess.run(["umount", base], check=False)
+        subprocess.run(["losetup", "--detach", device], check=False)

@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 import sys
+import tarfile
 
 import yaml
 from conftest import COLLECTION_DIR, REPO, run, tarball_members
@@ -17,7 +18,7 @@ def test_tarball_holds_the_collection_and_no_caches(collection_tarball):
     members = tarball_members(collection_tarball)
     for wanted in ("MANIFEST.json", "FILES.json", "plugins/modules/live_iso.py",
                    "roles/rootfs_backup/meta/argument_specs.yml", "playbooks/backup_then_build.yml",
-                   "meta/execution-environment.yml", "docs/modules/backstore.md"):
+                   "meta/execution-environment.yml", "ee/execution-environment.yml", "docs/modules/backstore.md"):
         assert wanted in members
     unwanted = re.compile(r"(^|/)(__pycache__|\.pytest_cache|\.ruff_cache|\.venv|\.git|artifacts|context)(/|$)|"
                           r"^tests/output/|\.tar\.gz$|\.pyc$")
@@ -35,21 +36,18 @@ def test_installed_copy_lists_its_roles_and_playbooks(installed_collections):
 
 
 def test_execution_environment_context(tmp_path, collection_tarball):
-    """ansible-builder writes the build context (no container engine here to build the image)."""
-    meta = tmp_path / "meta"
-    run(["cp", "-r", os.path.join(COLLECTION_DIR, "meta"), str(meta)])
-    run(["cp", os.path.join(COLLECTION_DIR, "bindep.txt"), str(tmp_path)])
-    run(["cp", str(collection_tarball), str(meta)])
+    """ansible-builder writes the build context of ee/execution-environment.yml
+    (the image itself is built and run by test_execution_environment.py)."""
+    ee = tmp_path / "ee"
+    run(["cp", "-r", os.path.join(COLLECTION_DIR, "ee"), str(ee)])
+    run(["cp", str(collection_tarball), str(ee)])
     context = tmp_path / "context"
-    run(["ansible-builder", "create", "--file", str(meta / "execution-environment.yml"), "--context", str(context),
+    run(["ansible-builder", "create", "--file", str(ee / "execution-environment.yml"), "--context", str(context),
          "--output-filename", "Containerfile"])
     containerfile = (context / "Containerfile").read_text()
-    definition = yaml.safe_load((meta / "execution-environment.yml").read_text())
+    definition = yaml.safe_load((ee / "execution-environment.yml").read_text())
     assert 'ARG EE_BASE_IMAGE="%s"' % definition["images"]["base_image"]["name"] in containerfile
     build = context / "_build"
-    python = [line for line in (build / "requirements.txt").read_text().splitlines() if line and line[0] != "#"]
-    assert python == ["jmespath==1.1.0"]
-    assert "openssh-clients [platform:rpm]" in (build / "bindep.txt").read_text()
     galaxy = yaml.safe_load((build / "requirements.yml").read_text())
     names = {item["name"] for item in galaxy["collections"]}
     assert names == {"community.general", "ansible.posix", "liveclone.core"}
@@ -63,6 +61,20 @@ def test_execution_environment_context(tmp_path, collection_tarball):
     assert deps["ansible_core"]["package_pip"] == "ansible-core==" + pins["ansible-core"].strip()
     assert deps["ansible_runner"]["package_pip"] == "ansible-runner==" + pins["ansible-runner"].strip()
     assert "ansible-core==" + pins["ansible-core"].strip() in containerfile
+
+
+def test_the_collection_declares_its_ee_dependencies(collection_tarball):
+    """ansible-builder's introspection reads meta/execution-environment.yml of
+    each collection in an image, with paths from the collection's root."""
+    with tarfile.open(collection_tarball) as tar:
+        declared = yaml.safe_load(tar.extractfile("meta/execution-environment.yml"))
+        python = tar.extractfile(declared["dependencies"]["python"]).read().decode()
+        system = tar.extractfile(declared["dependencies"]["system"]).read().decode()
+    requirements = pathlib.Path(REPO, "requirements.txt").read_text().splitlines()
+    assert [line for line in python.splitlines() if line and line[0] != "#"] == [
+        line for line in requirements if line.startswith("jmespath==")]
+    assert "openssh-clients [platform:rpm]" in system and "openssh-client [platform:dpkg]" in system
+    assert "btrfs-progs" not in system  # the targets' tools stay out of the image
 
 
 def test_module_docs_are_current(tmp_path):

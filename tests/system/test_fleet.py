@@ -12,12 +12,11 @@ import hashlib
 import json
 import os
 import pathlib
-import subprocess
 
 import ansible_runner
 import pytest
 import yaml
-from conftest import run
+from conftest import release_backup_disks, run
 from sandbox import mounted_under
 
 HOSTS = ("alpha", "bravo", "charlie")
@@ -64,12 +63,7 @@ def fleet(sandbox, debian_tree):
             yaml.safe_dump({"all": {"hosts": hostvars}}, handle)
         yield {"work": work, "inventory": inventory, "devices": devices, "hostvars": hostvars}
     finally:
-        for host in HOSTS:
-            base = os.path.join(work, "%s_backup" % host)
-            if mounted_under(base):
-                subprocess.run(["umount", base], check=False)
-        for device in devices.values():
-            subprocess.run(["losetup", "--detach", device], check=False)
+        release_backup_disks(work, devices)
 
 
 def run_job(fleet, installed_collections, name, extravars):
