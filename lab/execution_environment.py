@@ -379,7 +379,25 @@ def write_docs(image):
         handle.write(text[:start] + "\n" + contents(image) + text[end:])
 
 
+def release_store():
+    """podman's overlay driver bind-mounts its own directory of our store and
+    leaves it mounted when podman exits: unmounted here, so that a run leaves
+    no mount behind. Only mounts under our store are touched."""
+    store = os.path.join(CACHE, "storage")
+    with open("/proc/self/mountinfo") as handle:
+        points = [line.split()[4] for line in handle]
+    for point in sorted({p for p in points if p == store or p.startswith(store + "/")}, key=len, reverse=True):
+        subprocess.run(["umount", point], check=True)
+
+
 def main(argv):
+    try:
+        dispatch(argv)
+    finally:
+        release_store()
+
+
+def dispatch(argv):
     if argv[:1] == ["build"] and len(argv) == 1:
         print(build())
     elif argv[:1] == ["docs"] and len(argv) == 1:

@@ -44,7 +44,13 @@ def ee_image():
     if built.returncode:
         pytest.fail("the execution environment did not build:\n%s\n%s" % (built.stdout, built.stderr[-4000:]))
     print("execution environment %s ready in %.0f s" % (built.stdout.strip(), time.monotonic() - started))
-    return built.stdout.strip()
+    try:
+        yield built.stdout.strip()
+    finally:
+        execution_environment.release_store()
+        with open("/proc/self/mountinfo") as handle:
+            left = [line.split()[4] for line in handle if execution_environment.CACHE in line.split()[4]]
+        assert not left, "podman left mounts behind: %s" % left
 
 
 def test_docs_list_what_the_image_holds(ee_image):
