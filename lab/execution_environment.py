@@ -38,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,7 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CACHE = os.path.join(os.environ.get("LIVECLONE_CACHE", "/var/cache/liveclone"), "ee")
+REQUIREMENTS = os.path.join(REPO, "requirements.txt")
 BASE_PACKAGES = ("python3", "python3-pip", "python3-venv", "python3.11", "ca-certificates", "openssh-client")
 # Raise when the way the base image is made changes.
 BASE_LAYOUT = 1
@@ -163,8 +165,14 @@ def base_image():
 
 
 def pins():
-    with open(os.path.join(REPO, "requirements.txt")) as handle:
+    """requirements.txt's pins, by canonical name: the one pinned Python set."""
+    with open(REQUIREMENTS) as handle:
         return dict(line.strip().split("==") for line in handle if "==" in line)
+
+
+def canonical(name):
+    """A package's name as PEP 503 compares it (PyYAML, pyyaml and py_yaml are one)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def python_requirements(definition):
@@ -180,17 +188,39 @@ def python_requirements(definition):
     return wanted
 
 
+def unpinned_wheels(names, requirements, pinned):
+    """The wheel files among names whose package and version no pin names:
+    requirements.txt's, or a requirement line's own (dumb-init's)."""
+    allowed = {canonical(name): version for name, version in pinned.items()}
+    allowed.update({canonical(line.split("==")[0]): line.split("==")[1] for line in requirements})
+    # A wheel's name is NAME-VERSION-...whl, NAME with its dashes as underscores.
+    return sorted(name for name in names
+                  if allowed.get(canonical(name.split("-")[0])) != name.split("-")[1])
+
+
 def wheels(requirements):
-    """A directory of wheels for the requirements and their dependencies (cached)."""
-    directory = os.path.join(CACHE, "wheels-" + digest(*requirements))
+    """A directory of wheels for the requirements and every package below
+    them, each at requirements.txt's pin (cached by the requirements and the pins)."""
+    with open(REQUIREMENTS, "rb") as handle:
+        directory = os.path.join(CACHE, "wheels-" + digest(handle.read(), *requirements))
     if not os.path.isdir(directory):
         log("downloading the wheels into %s" % directory)
+        os.makedirs(CACHE, exist_ok=True)
         partial = tempfile.mkdtemp(dir=CACHE, prefix=".wheels-")
+        # requirements.txt as constraints: a dependency below the requirements gets its pin, not
+        # whatever the registry serves that day.
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                               "--only-binary", ":all:", "--dest", partial] + list(requirements),
-                              capture_output=True, text=True, check=False)
+                               "--only-binary", ":all:", "--constraint", REQUIREMENTS, "--dest", partial]
+                              + list(requirements), capture_output=True, text=True, check=False)
         if done.returncode:
+            shutil.rmtree(partial)
             raise SystemExit("pip download failed:\n" + done.stderr[-3000:])
+        unpinned = unpinned_wheels(os.listdir(partial), requirements, pins())
+        if unpinned:
+            shutil.rmtree(partial)
+            raise SystemExit("the execution environment would hold packages requirements.txt does not pin: %s; "
+                             "pin them there (pip install -r requirements.in in the venv, then pip freeze --all "
+                             "--exclude pip > requirements.txt)" % ", ".join(unpinned))
         os.rename(partial, directory)
     return directory
 
@@ -293,8 +323,10 @@ def build():
         path = os.path.join(work, "execution-environment.yml")
         with open(path, "w") as handle:
             yaml.safe_dump(derived, handle, sort_keys=False)
+        # The tag changes with the definition, the collections and the Python set, and only with them.
         tag = IMAGE + ":" + digest(json.dumps(derived, sort_keys=True), *(
-            tarball_digest(os.path.join(work, "collections", name)) for name in tarballs))
+            tarball_digest(os.path.join(work, "collections", name)) for name in tarballs),
+            *sorted(os.listdir(wheel_dir)))
         if image_exists(tag):
             return tag
         log("building %s with ansible-builder" % tag)

@@ -30,8 +30,13 @@ make_venv() {
     if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         step "creating the virtual environment $venv from $requirements"
         /usr/bin/python3 -m venv --clear "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" 2>&1 \
-            | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+        # Exactly the pinned set: --no-deps installs nothing requirements.txt does not name (a
+        # dependency it misses fails pip check instead of floating), wheels only (no sdist's
+        # build requirements resolved on the day).
+        "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --only-binary :all: \
+            -r "$requirements" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+        "$venv/bin/pip" check --disable-pip-version-check >/dev/null \
+            || die "$requirements does not pin every dependency: $("$venv/bin/pip" check 2>&1 | head -5)"
         echo "$want" >"$stamp"
     fi
 }
@@ -68,7 +73,7 @@ bootstrap() {
 # not installed, so that no sshd service, host keys or port 22 appear on the
 # machine that runs the tests; the tests start it on 127.0.0.1 with a
 # configuration of their own (tests/lib/sshd.py). Exports LIVECLONE_SSHD.
-SSHD_TREE=${LIVECLONE_SSHD_TREE:-/var/cache/liveclone/sshd}
+SSHD_TREE=${LIVECLONE_SSHD_TREE:-${LIVECLONE_CACHE:-/var/cache/liveclone}/sshd}
 provide_test_sshd() {
     local version
     version=$(apt-cache policy openssh-server | sed -n 's/^ *Candidate: //p')

@@ -62,6 +62,22 @@ def test_docs_list_what_the_image_holds(ee_image):
         "docs/awx.md is stale: run python3 lab/execution_environment.py docs")
 
 
+def test_every_package_pip_installed_in_the_image_is_pinned(ee_image):
+    """The same commit builds the same Python set on any machine: each
+    package pip put into the image is at requirements.txt's pin (or its
+    requirement line's own), whatever the registry serves today."""
+    report = json.loads(execution_environment.run(
+        ["podman", "run", "--rm", "--network=none", ee_image, "python3", "-m", "pip", "inspect"],
+        capture_output=True).stdout)
+    installed = {item["metadata"]["name"]: item["metadata"]["version"] for item in report["installed"]
+                 if item.get("installer") == "pip"}
+    assert "ansible-core" in installed and "cryptography" in installed, installed
+    with open(os.path.join(REPO, "ee/execution-environment.yml")) as handle:
+        requirements = execution_environment.python_requirements(yaml.safe_load(handle))
+    names = ["%s-%s-py3-none-any.whl" % (name.replace("-", "_"), version) for name, version in installed.items()]
+    assert execution_environment.unpinned_wheels(names, requirements, execution_environment.pins()) == []
+
+
 @pytest.fixture(scope="module")
 def fleet(sandbox, debian_tree):
     """The sshd, the loop devices, the project (a playbook per job template)
