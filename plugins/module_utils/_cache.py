@@ -8,6 +8,7 @@ reader changes nothing and follows no link inside the base directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -25,6 +26,10 @@ META_NAME = ".backup_meta"
 # Who holds the lock; and a marker that a copy started and was not yet versioned.
 HOLDER_NAME = ".liveclone.lock"
 PENDING_NAME = ".liveclone-pending"
+# Beside the cache, one file per snapshot (NAME.json): what the backup that took it left out, which
+# every restore of it leaves out. Outside the cache, so that the source never writes it.
+RECORDS_NAME = ".liveclone-records"
+RECORD_LIMIT = 1 << 20
 LEGACY_NAME = re.compile(r"\A@(\d{4}-\d{2}-\d{2})_(\d{2}:\d{2})(?:_(\d+))?\Z")
 
 
@@ -311,3 +316,32 @@ class CacheReader:
                 description=meta.get("META_DESCRIPTION", ""), userdata=userdata, path=path,
                 read_only=self.btrfs.read_only(path)))
         return found
+
+
+def record_path(snapshot_name):
+    """The record of a snapshot, relative to base_dir."""
+    return os.path.join(RECORDS_NAME, snapshot_name + ".json")
+
+
+def backup_record(snapshot_name, source, excludes, remote_host=None):
+    """The record of the backup that took snapshot_name, as JSON text: its
+    source and the exclusions it applied (the standard ones, /home, the
+    filesystems mounted in the source as its host's mount table showed them,
+    the user's)."""
+    return json.dumps({"format": 1, "snapshot": snapshot_name, "source": source, "host": remote_host,
+                       "excludes": list(excludes)}, indent=1, sort_keys=True) + "\n"
+
+
+def parse_backup_record(text, snapshot_name):
+    """The exclusions the record of snapshot_name lists; None when text is
+    missing or not that snapshot's record."""
+    try:
+        record = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("format") != 1 or record.get("snapshot") != snapshot_name:
+        return None
+    excludes = record.get("excludes")
+    if not isinstance(excludes, list) or not all(isinstance(item, str) for item in excludes):
+        return None
+    return excludes

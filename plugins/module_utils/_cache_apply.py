@@ -22,9 +22,19 @@ import time
 
 from ._backup_meta import format_meta, human_size
 from ._btrfs import Btrfs, destroy_subvolume, is_subvolume
-from ._cache import CACHE_NAME, META_NAME, PENDING_NAME, SNAPSHOTS_NAME, CacheError, CacheReader
-from ._cache_plan import copy_text, plan_prune, plan_versions, restore_operations
-from ._command import CommandError
+from ._cache import (
+    CACHE_NAME,
+    META_NAME,
+    PENDING_NAME,
+    RECORDS_NAME,
+    SNAPSHOTS_NAME,
+    CacheError,
+    CacheReader,
+    backup_record,
+    record_path,
+)
+from ._cache_plan import BASE_MODE, copy_text, plan_prune, plan_versions, restore_operations
+from ._command import CommandError, CommandStalled, CommandTimeout
 from ._fs import read_mounts, write_at
 from ._plan import Operation, Outcome
 from ._roottree import source_kernels, source_os_release
@@ -41,19 +51,35 @@ def _last_lines(text, count):
     return "\n".join(text.strip().splitlines()[-count:])
 
 
-def rsync_copy(runner, source, dest, excludes, checksum, dry_run, warnings, protect=(),
+def rsync_copy(runner, desired, source, dest, excludes, dry_run, warnings, protect=(),
                delete_excluded=False, base_dir=None, link=None, source_is_file=False):
     """rsync source into dest (a backup into base_dir's cache when base_dir is
-    given, else a restore); the dry run is check mode's read of what the copy
-    changes. link, for a pull or a remote restore, is the _ssh.Link that
-    reaches the client. A failure is a CacheError that says what was left as it was."""
-    argv = copy_argv(source, dest, excludes=excludes, protect=protect, checksum=checksum, dry_run=dry_run,
-                     delete_excluded=delete_excluded, rsh=link.rsync_shell() if link else None,
-                     source_is_file=source_is_file)
+    given, else a restore), within desired's time limits; the dry run is
+    check mode's read of what the copy changes. link, for a pull or a remote
+    restore, is the _ssh.Link that reaches the client. A failure is a
+    CacheError that says what was left as it was."""
+    argv = copy_argv(source, dest, excludes=excludes, protect=protect, checksum=desired.checksum,
+                     dry_run=dry_run, delete_excluded=delete_excluded, rsh=link.rsync_shell() if link else None,
+                     source_is_file=source_is_file,
+                     # A restore's --delete stays on dest's filesystem: a filesystem mounted there
+                     # (recorded at the backup or mounted since) is never emptied. A pull without
+                     # the client's mount table stays on the source's filesystem.
+                     one_file_system=base_dir is None or bool(desired.remote and not desired.remote.mountinfo))
     kept = ("no snapshot was taken and .backup_meta and every snapshot were left as they were"
             if base_dir else "the snapshot is unchanged; restore_dest holds part of it")
     try:
-        rc, out = runner.run(argv, ok_rcs=(0, RSYNC_VANISHED))
+        # rsync's own --timeout misses a sender that stops: the generator's keep-alive writes to it
+        # count as activity. What rsync reads is the measure of progress.
+        rc, out = runner.run_watched(argv, ok_rcs=(0, RSYNC_VANISHED), stall_timeout=desired.io_timeout,
+                                     timeout=desired.copy_timeout, watched=("rsync",))
+    except CommandStalled:
+        raise CacheError("the copy from %s stalled: rsync read nothing for io_timeout (%d s) and was stopped, so "
+                         "%s; check the other side (a stopped or hung process, a hung filesystem, the network), "
+                         "or raise io_timeout" % (source, desired.io_timeout, kept)) from None
+    except CommandTimeout:
+        raise CacheError("the copy from %s did not finish within copy_timeout (%d s) and was stopped, so %s; "
+                         "raise copy_timeout if the copy is that long, or find what slows it"
+                         % (source, desired.copy_timeout, kept)) from None
     except CommandError as error:
         text = str(error)
         if "No space left on device" in text:
@@ -148,8 +174,8 @@ class CacheApplier:
         write_at(self.tree.fd, PENDING_NAME, "")
         # rsync --delete runs into .rootfs_cache: it is checked right before.
         verify_dir(self.tree, CACHE_NAME, subvolume=state.versioning != "none")
-        transfer = rsync_copy(self.runner, self.desired.source_location, state.cache.cache_dir, state.excludes,
-                              self.desired.checksum, False, self.warnings, PROTECT, True,
+        transfer = rsync_copy(self.runner, self.desired, self.desired.source_location, state.cache.cache_dir,
+                              state.excludes, False, self.warnings, PROTECT, True,
                               base_dir=state.cache.base_dir, link=self.link)
         text = copy_text(transfer, self.desired.source_location, state.cache, done=True)
         if text:
@@ -173,6 +199,21 @@ class CacheApplier:
         if pruned:
             after.cache = read()
         return Outcome(state, list(self.carried_out), after)
+
+    def write_record(self, state, name):
+        """The record of what the backup that took snapshot name left out (a snapshot killed
+        before it has none: its restores then delete nothing)."""
+        desired = self.desired
+        record = backup_record(name, desired.source, state.excludes, desired.remote.host if desired.remote else None)
+        with self.tree.directory(RECORDS_NAME, create=True, mode=0o700) as fd:
+            write_at(fd, name + ".json", record, mode=0o600, sync=True)
+
+    def _remove_stale_record(self, state, operation):
+        self.tree.remove(operation.args["relative"])
+
+    def _secure_base_dir(self, state, operation):
+        os.fchown(self.tree.fd, 0, 0)
+        os.fchmod(self.tree.fd, BASE_MODE)
 
     def _pin_host_keys(self, state, operation):
         self.tree.write_text(KNOWN_HOSTS_NAME, "".join(key.known_hosts_line() for key in self.desired.remote.host_keys))
@@ -230,6 +271,7 @@ class CacheApplier:
             with self.tree.directory(SNAPSHOTS) as fd:
                 write_at(fd, name + ".meta", format_meta(meta), sync=True)
             self.created = name
+        self.write_record(state, self.created)
         operation.args["name"] = self.created
         return "took %s snapshot %s" % (versioning, self.created)
 
@@ -252,6 +294,7 @@ class CacheApplier:
         else:
             self._delete_subvolume(relative)
             self.tree.remove(relative + ".meta")
+        self.tree.remove(record_path(snapshot.name))
 
     # --- removal --------------------------------------------------------------
 
@@ -282,6 +325,7 @@ class CacheApplier:
         self._delete_subvolume(relative)
         if snapshot.kind == "btrfs":
             self.tree.remove(relative + ".meta")
+        self.tree.remove(record_path(snapshot.name))
 
     def _delete_config(self, state, operation):
         # snapper deletes .snapshots by its own path: check it first.
@@ -323,7 +367,7 @@ class CacheApplier:
         snapshot = state.snapshot
         # The snapshot is the source of a copy with --delete: checked again right before it.
         verify_dir(self.tree, state.cache.relative(snapshot.path), subvolume=True)
-        transfer = rsync_copy(self.runner, state.source, desired.dest_location, state.excludes, desired.checksum,
+        transfer = rsync_copy(self.runner, desired, state.source, desired.dest_location, state.excludes,
                               False, self.warnings, link=self.link, source_is_file=state.source_is_file)
         self.carried_out.extend(restore_operations(snapshot, desired.dest_location, transfer, done=True,
                                                    path=desired.restore_path))

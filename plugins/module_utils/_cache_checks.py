@@ -8,9 +8,19 @@ before anything changes, and what a backup or a restore leaves out."""
 from __future__ import annotations
 
 import os
+import stat
 
 from ._beneath import BeneathError, Tree, relative_parts
-from ._cache import CACHE_NAME, HOLDER_NAME, META_NAME, PENDING_NAME, SNAPSHOTS_NAME, CacheError
+from ._cache import (
+    CACHE_NAME,
+    HOLDER_NAME,
+    META_NAME,
+    PENDING_NAME,
+    RECORDS_NAME,
+    SNAPSHOTS_NAME,
+    CacheError,
+    record_path,
+)
 from ._fs import (
     UNCHANGEABLE_FLAGS,
     check_real_path,
@@ -23,7 +33,7 @@ from ._fs import (
 )
 from ._lock import Lock
 from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes
-from ._rsync import is_excluded, itemized_path, literal_pattern
+from ._rsync import is_excluded, itemized_path, literal_pattern, pattern_beneath
 from ._ssh import KNOWN_HOSTS_NAME
 
 CACHE_BUSY = ("%(path)s is locked by another run (%(holder)s); waited %(timeout)d s. Try again when it has "
@@ -173,8 +183,11 @@ def backup_excludes(desired):
     excludes = list(STANDARD_EXCLUDES)
     if not desired.include_home:
         excludes += HOME_EXCLUDES
-    mounts = desired.remote_mounts() if desired.remote and desired.remote.mountinfo else None
-    excludes += mount_excludes(desired.source, desired.include_home, mounts=mounts)
+    if not desired.remote:
+        excludes += mount_excludes(desired.source, desired.include_home)
+    elif desired.remote.mountinfo:
+        excludes += mount_excludes(desired.source, desired.include_home, mounts=desired.remote_mounts())
+    # Else this host's mount table says nothing of the client's: the copy stays on one filesystem there.
     return excludes + list(desired.exclude)
 
 
@@ -192,7 +205,15 @@ def check_source(desired, excludes):
             raise CacheError(
                 "base_dir %s is inside source %s and not excluded, so each backup would copy "
                 "the cache into itself; add %s to exclude, or move base_dir (for example "
-                "under /mnt)" % (desired.base_dir, source, relative))
+                "under /mnt)" % (desired.base_dir, source, literal_pattern(relative)))
+
+
+def stale_records(tree, cache):
+    """Records of snapshots that are gone (deleted by snapper's own cleanup or by hand): a
+    snapshot taken later under the same number must not be restored with them."""
+    names = {record_path(snapshot.name) for snapshot in cache.snapshots}
+    return [relative for relative in (os.path.join(RECORDS_NAME, name) for name in tree.listdir(RECORDS_NAME))
+            if relative not in names]
 
 
 def stale_files(tree):
@@ -201,21 +222,47 @@ def stale_files(tree):
     return [name for name in tree.listdir() if name.startswith(prefixes) and not tree.is_dir(name)]
 
 
-def restore_excludes(desired):
+def restore_excludes(desired, recorded):
     """A restore leaves out what the backup left out (so that --delete never
     takes what the backup did not hold: DistroClone Backup's v1.2.2 lost data
-    that way), anchored at restore_path. A snapshot shows the cache's own
-    .snapshots as an empty directory, never part of the source; and a local
+    that way), anchored at restore_path: the exclusions the snapshot's record
+    lists (recorded), or for a snapshot without one, those a backup would
+    apply now. A snapshot shows the cache's own .snapshots as an empty
+    directory, never part of the source; and a local
     restore over / leaves the backup volume alone."""
     path = desired.restore_path
     excludes = []
-    for pattern in backup_excludes(desired):
+    for pattern in backup_excludes(desired) if recorded is None else recorded:
         if not pattern.startswith("/") or path == "/":
             excludes.append(pattern)
-        elif pattern.startswith(path + "/"):
-            excludes.append(pattern[len(path):])
+        else:
+            # Matched as rsync reads it, not as text: a mount's escaped /srv/disk[[]1]/x/* is
+            # /x/* beneath /srv/disk[1], and /home/*/.cache is /.cache beneath /home/alice.
+            beneath = pattern_beneath(pattern, path)
+            if beneath:
+                excludes.append(beneath)
     if path == "/":
         excludes.append("/" + SNAPSHOTS_NAME)
         if desired.restore_dest == "/" and not desired.remote:
             excludes.append("/" + literal_pattern(os.path.relpath(os.path.realpath(desired.base_dir), "/")))
     return excludes
+
+
+def base_access(tree):
+    """base_dir's (owner uid, permission bits), read from the descriptor the run holds."""
+    info = os.fstat(tree.fd)
+    return info.st_uid, stat.S_IMODE(info.st_mode)
+
+
+def unsafe_mount_warnings(base_dir):
+    """A pull's warning when base_dir's filesystem lets the client's files act
+    on this host: setuid bits honoured, device nodes opened. base_dir is
+    0700, so only root reaches them; nosuid,nodev keep it so through any
+    other mount of the same filesystem."""
+    flags = os.statvfs(base_dir).f_flag
+    missing = [name for name, bit in (("nosuid", os.ST_NOSUID), ("nodev", os.ST_NODEV)) if not flags & bit]
+    if not missing:
+        return []
+    return ["base_dir %s is on a filesystem mounted without %s, so the client's setuid files and device "
+            "nodes in the cache work there for whoever reaches them (base_dir is 0700: root alone); mount "
+            "the backup volume with nosuid,nodev (the backup_server role does)" % (base_dir, ",".join(missing))]

@@ -18,11 +18,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ._cache import HOLDER_NAME, META_NAME, PENDING_NAME, Cache, CacheError
+from ._cache import HOLDER_NAME, META_NAME, PENDING_NAME, RECORDS_NAME, Cache, CacheError
 from ._cache_options import cache_directory
 from ._fs import canonical_path, check_path_text, is_within, parse_mounts
 from ._plan import Operation
-from ._rsync import TransferStats
+from ._rsync import TransferStats, remote_path_problem
 from ._snapper import config_settings
 from ._ssh import KNOWN_HOSTS_NAME, Remote, RemoteError, fingerprints
 from ._text import check_plain_text, check_snapper_name
@@ -44,6 +44,11 @@ def check_cache_params(params, base_dir):
         problem = check_path_text(name, params.get(name))
         if problem:
             return problem
+    # On a client, source and restore_dest go through rrsync, which splits its command at any whitespace.
+    for name in ("source", "restore_dest") if params.get("remote") else ():
+        problem = params.get(name) and remote_path_problem(params[name])
+        if problem:
+            return "%s: %s" % (name, problem)
     if SNAPPER_QUOTED.search(base_dir):
         return ("base_dir %r holds one of \" \\ $ `, which snapper's config (SUBVOLUME=\"...\") cannot hold "
                 "as text; choose a path without them" % base_dir)
@@ -61,8 +66,7 @@ def check_cache_params(params, base_dir):
     if wanted is not None and not (isinstance(wanted, str) and RESTORE_SNAPSHOT.fullmatch(wanted)):
         return ("restore_snapshot %r is not a snapshot name; give latest, a snapper number such as 3, or a "
                 "legacy name such as @2026-06-17_14:30" % (wanted,))
-    for name, least, what in (("keep", 1, "how many snapshots retention keeps"),
-                              ("lock_timeout", 0, "the seconds to wait for another run on the same base_dir")):
+    for name, least, what in TIME_LIMITS + (("keep", 1, "how many snapshots retention keeps"),):
         value = params.get(name)
         if value is None:
             continue
@@ -70,6 +74,17 @@ def check_cache_params(params, base_dir):
             return "%s is %s, a boolean; set %s to a number, %d or more (%s)" % (
                 name, str(value).lower(), name, least, what)
     return None
+
+
+# base_dir's mode: the cache's setuid files and device nodes are root's alone.
+BASE_MODE = 0o700
+
+# The time limits: (parameter, least value, what it is), each 0 or more (0: none).
+TIME_LIMITS = (
+    ("lock_timeout", 0, "the seconds to wait for another run on the same base_dir"),
+    ("io_timeout", 0, "the seconds rsync waits with no data moving before it gives up, 0 for no limit"),
+    ("copy_timeout", 0, "the seconds a copy may take in all, 0 for no limit"),
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,8 @@ class Desired:
     restore_delete_extra: bool
     allow_restore_to_root: bool
     lock_timeout: int
+    io_timeout: int = 0
+    copy_timeout: int = 0
     # The client a backup server pulls from (source is a path there) or restores into (restore_dest is).
     remote: Remote | None = None
 
@@ -118,9 +135,9 @@ class Desired:
         if params["keep"] < 1:
             raise CacheError("keep is %d; retention keeps at least 1 snapshot, so set keep: 1 or "
                              "more (or versioning: none for no versions)" % params["keep"])
-        if params["lock_timeout"] < 0:
-            raise CacheError("lock_timeout is %d; set lock_timeout to 0 or more (the seconds to wait "
-                             "for another run on the same base_dir)" % params["lock_timeout"])
+        for name, least, what in TIME_LIMITS:
+            if (params.get(name) or 0) < least:
+                raise CacheError("%s is %d; set %s to %d or more (%s)" % (name, params[name], name, least, what))
         desired = cls(
             state=params.get("state") or "present", base_dir=base_dir,
             source=canonical_path(params.get("source") or "/"), snapper_config=params["snapper_config"],
@@ -132,7 +149,8 @@ class Desired:
             restore_dest=canonical_path(params.get("restore_dest")),
             restore_delete_extra=bool(params.get("restore_delete_extra")),
             allow_restore_to_root=bool(params.get("allow_restore_to_root")),
-            lock_timeout=params["lock_timeout"], remote=_remote(params))
+            lock_timeout=params["lock_timeout"], io_timeout=params.get("io_timeout") or 0,
+            copy_timeout=params.get("copy_timeout") or 0, remote=_remote(params))
         if not desired.source.startswith("/") or not desired.restore_path.startswith("/"):
             raise CacheError("source and restore_path are absolute paths (%s, %s); give them starting with /"
                              % (desired.source, desired.restore_path))
@@ -185,6 +203,8 @@ class BackupState:
     snapper_settings: dict | None = None  # the config's values, when snapper manages the cache already
     transfer: TransferStats | None = None  # check mode: rsync's dry run, standing for the copy
     pinned_keys: tuple = ()  # a pull's host keys pinned in base_dir (_ssh.HostKey)
+    base_access: tuple = (0, 0o700)  # base_dir's (owner uid, permission bits)
+    stale_records: list = field(default_factory=list)  # records of snapshots that are gone, relative
 
 
 @dataclass
@@ -203,6 +223,7 @@ class RestoreState:
     source_is_file: bool = False
     listing: TransferStats | None = None  # rsync's dry run into restore_dest, when one was read
     transfer: TransferStats | None = None  # check mode: that dry run, standing for the copy
+    recorded: bool = True  # the snapshot holds the record of what its backup left out
 
 
 # --- decisions ---------------------------------------------------------------
@@ -300,11 +321,24 @@ def plan_layout(desired, state):
         path = os.path.join(cache.base_dir, name)
         operations.append(Operation("remove_stale", "remove %s left by an interrupted run" % path,
                                     {"name": name, "done": "removed %s left by an interrupted run" % path}))
+    for relative in state.stale_records:
+        path = os.path.join(cache.base_dir, relative)
+        operations.append(Operation("remove_stale_record", "remove %s, the record of a snapshot that is gone" % path,
+                                    {"relative": relative, "done": "removed %s, the record of a snapshot that is "
+                                     "gone" % path}))
     for relative in cache.incomplete:
         path = os.path.join(cache.base_dir, relative)
         operations.append(Operation(
             "remove_incomplete", "remove the incomplete snapshot %s" % path,
             {"relative": relative, "done": "removed the incomplete snapshot %s left by an interrupted run" % path}))
+    owner, mode = state.base_access
+    if owner != 0 or mode != BASE_MODE:
+        # A cache holds its source's setuid files and device nodes, and its snapshots keep old ones
+        # (a sudo with a known hole): only root may reach them (rsnapshot's 0700 snapshot root).
+        operations.append(Operation(
+            "secure_base_dir", "make %s root's, mode 0700 (it is uid %d's, mode %04o), so that no other user "
+            "reaches the cache's setuid files and device nodes" % (cache.base_dir, owner, mode),
+            {"done": "made %s root's, mode 0700 (it was uid %d's, mode %04o)" % (cache.base_dir, owner, mode)}))
     remote = desired.remote
     if remote and set(state.pinned_keys) != set(remote.host_keys):
         operations.append(Operation("pin_host_keys", "pin the host keys of %s (%s) in %s" % (
@@ -380,7 +414,7 @@ def plan_remove(desired, state):
         operations.append(Operation("delete_snapshots_dir", "delete %s" % cache.snapshots_dir))
     if cache.cache_exists:
         operations.append(Operation("delete_cache", "delete %s" % cache.cache_dir))
-    for name in (META_NAME, HOLDER_NAME, PENDING_NAME, KNOWN_HOSTS_NAME):
+    for name in (META_NAME, HOLDER_NAME, PENDING_NAME, KNOWN_HOSTS_NAME, RECORDS_NAME):
         if name in state.files:
             operations.append(Operation("delete_file", "delete %s" % os.path.join(cache.base_dir, name),
                                         {"name": name}))
@@ -391,6 +425,14 @@ def plan_restore(desired, state):
     """The restore of state.snapshot into restore_dest; refuses to delete what
     the snapshot lacks there unless restore_delete_extra."""
     dest, snapshot, listing = desired.dest_location, state.snapshot, state.listing
+    if listing is not None and listing.files_deleted and not state.recorded:
+        raise CacheError(
+            "snapshot %s holds no record of what its backup left out (it was taken by an older release or "
+            "another tool), so nothing proves that the %d files in restore_dest %s that it lacks (%s%s) were "
+            "backed up at all, rather than left out; a restore of it deletes nothing. Restore into an empty "
+            "or new directory, or take a new backup and restore that. Nothing was changed." % (
+                snapshot.name, listing.files_deleted, dest, ", ".join(listing.deleted_paths[:5]),
+                ", ..." if listing.files_deleted > 5 else ""))
     if listing is not None and listing.files_deleted and not desired.restore_delete_extra:
         raise CacheError(
             "restore_dest %s is not empty: restoring snapshot %s there would delete %d files that the "

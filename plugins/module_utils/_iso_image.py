@@ -15,7 +15,7 @@ import stat
 
 from ._beneath import BeneathError, relative_parts
 from ._iso_desired import IsoError
-from ._iso_source import file_in_tree
+from ._iso_source import file_in_tree, read_bounded
 from ._rsync import is_excluded
 
 LIVE_GROUPS = ("sudo", "audio", "video", "cdrom", "plugdev", "netdev")
@@ -32,6 +32,10 @@ HISTORY_NAMES = (".bash_history", ".zsh_history", ".python_history", ".lesshst",
 EMPTIED_DIRS = (("tmp", 0o1777), ("var/tmp", 0o1777), ("var/cache/apt/archives", 0o755),
                 ("var/lib/apt/lists", 0o755))
 _WILDCARD = re.compile(r"[*?\[]")
+# A user database is about 100 bytes an account: a larger one than this is refused, not read.
+USER_DB_LIMIT = 16 << 20
+# A uid as a user database writes it: ASCII digits (str.isdigit takes "²", which int() refuses).
+_UID = re.compile(r"[0-9]{1,10}")
 
 
 def remove_excluded(tree, patterns):
@@ -206,7 +210,10 @@ class ImageEditor:
                            % user)
         groups = read_db(tree, "etc/group") or []
         used = {_uid(fields) for fields in passwd} | {_uid(fields) for fields in groups}
-        uid = next(number for number in range(FIRST_USER_UID, NOBODY_UID) if number not in used)
+        uid = next((number for number in range(FIRST_USER_UID, NOBODY_UID) if number not in used), None)
+        if uid is None:
+            raise IsoError("the image has no free uid from %d to %d for live_user %s; remove unused accounts "
+                           "from the source" % (FIRST_USER_UID, NOBODY_UID - 1, user))
         home = "home/" + user
         _append_db(tree, "etc/passwd", [user, "x", str(uid), str(uid), user, "/" + home, "/bin/bash"])
         _append_db(tree, "etc/shadow", [user, hashed or "!", str(days), "0", "99999", "7", "", "", ""])
@@ -237,7 +244,7 @@ class ImageEditor:
 # --- the user databases ----------------------------------------------------------
 
 def _uid(fields):
-    return int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else None
+    return int(fields[2]) if len(fields) > 2 and _UID.fullmatch(fields[2]) else None
 
 
 def read_db(tree, name, where="the image"):
@@ -246,7 +253,7 @@ def read_db(tree, name, where="the image"):
     inside = file_in_tree(tree, name, where)
     if inside is None:
         return None
-    text = tree.read_text(inside)
+    text = (read_bounded(tree, inside, USER_DB_LIMIT, "a user database", where) or b"").decode("utf-8", "replace")
     return [line.split(":") for line in text.splitlines() if line.strip()]
 
 

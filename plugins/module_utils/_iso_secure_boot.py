@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._iso_desired import IsoError
-from ._iso_source import file_in_tree, installed_packages, kernels
+from ._iso_source import file_in_tree, installed_packages, kernels, read_bounded
 from ._pe import PeError, is_signed, sbat_entries, sbat_levels, sbat_violations
 
 # Where the Debian family's packages put each piece (the first found is used).
@@ -27,6 +27,8 @@ PACKAGES = {"shim": "shim-signed", "grub": "grub-efi-amd64-signed", "mok_manager
 SBAT_REVOKED_BEFORE = (15, 8)
 # The SBAT policy a shim applies unless told otherwise (mokutil --set-sbat-policy).
 DEFAULT_POLICY = "previous"
+# The most read of shim, GRUB or a kernel (a signed kernel is 8 to 15 MiB, shim 1, GRUB 4): a larger one is refused.
+PE_LIMIT = 64 << 20
 
 
 @dataclass
@@ -54,7 +56,7 @@ def find_chain(tree, where):
 
     found = kernels(tree, where)
     release, kernel, _initrd = found[-1] if found else (None, None, None)
-    signed = bool(kernel) and is_signed(tree.read_bytes(kernel))
+    signed = bool(kernel) and is_signed(_read_pe(tree, kernel, where))
     # MokManager is optional where the distribution has no helpers package (Ubuntu ships it in shim-signed).
     return Chain(first(SHIM_PATHS), first(GRUB_PATHS), first(MOK_MANAGER_PATHS), kernel, release, signed)
 
@@ -91,6 +93,26 @@ def decide(desired, tree, warnings):
     return True, []
 
 
+def _read_pe(tree, relative, where):
+    """The bytes of a piece of the chain (read_bounded to PE_LIMIT); b"" if it is gone."""
+    try:
+        return read_bounded(tree, relative, PE_LIMIT, "a kernel or EFI binary", where) or b""
+    except IsoError as error:
+        raise IsoError("%s, or set secure_boot: off" % error) from None
+
+
+def _sbat(tree, relative, where, levels=False):
+    """(sbat_entries, sbat_levels if asked else {}) of a piece of the chain;
+    IsoError naming the piece when it is no PE image this module can read."""
+    data = _read_pe(tree, relative, where)
+    try:
+        return sbat_entries(data), sbat_levels(data) if levels else {}
+    except PeError as error:
+        raise IsoError("%s: /%s, a piece of the signed chain, is not a PE image (%s); reinstall shim-signed, "
+                       "grub-efi-amd64-signed and the signed kernel, or set secure_boot: off"
+                       % (where, relative, error)) from None
+
+
 def _piece_names(chain):
     names = {"shim": "shim", "grub": "the signed GRUB", "mok_manager": "MokManager"}
     return [names[name] for name in ("shim", "grub", "mok_manager") if getattr(chain, name) is None]
@@ -105,15 +127,10 @@ def inspect(tree, chain, where):
                        "shim-signed, grub-efi-amd64-signed and the signed kernel, or set secure_boot: off" % (
                            where, chain.shim or "missing", chain.grub or "missing",
                            chain.kernel if chain.kernel_signed else "missing"))
-    installed = installed_packages(tree)
-    try:
-        shim = tree.read_bytes(chain.shim)
-        shim_sbat, levels = sbat_entries(shim), sbat_levels(shim)
-        grub_sbat = sbat_entries(tree.read_bytes(chain.grub))
-        kernel_sbat = sbat_entries(tree.read_bytes(chain.kernel))
-    except PeError as error:
-        raise IsoError("%s: a piece of the signed chain is not a PE image (%s); reinstall shim-signed and "
-                       "grub-efi-amd64-signed, or set secure_boot: off" % (where, error)) from None
+    installed = installed_packages(tree, where)
+    shim_sbat, levels = _sbat(tree, chain.shim, where, levels=True)
+    grub_sbat, _levels = _sbat(tree, chain.grub, where)
+    kernel_sbat, _levels = _sbat(tree, chain.kernel, where)
     level = levels.get(DEFAULT_POLICY, {})
     for name, path, entries in (("GRUB", chain.grub, grub_sbat), ("the kernel", chain.kernel, kernel_sbat)):
         refused = sbat_violations(entries, level)
@@ -158,7 +175,8 @@ def _generations(entries):
 def _version_tuple(text):
     parts = []
     for part in text.split("."):
-        if not part.isdigit():
+        # ASCII digits only: int() refuses "²", which str.isdigit takes, and numbers of 4300 digits.
+        if not (part.isascii() and part.isdigit()) or len(part) > 9:
             break
         parts.append(int(part))
     return tuple(parts)

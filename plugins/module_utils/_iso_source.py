@@ -15,17 +15,23 @@ import os
 import re
 import stat
 
+from ansible.module_utils.common.text.formatters import bytes_to_human
+
 from ._beneath import Tree
 from ._btrfs import Btrfs, filesystem_type, filesystem_uuid, is_subvolume
 from ._cache import SNAPSHOTS_NAME, CacheReader
 from ._fs import canonical_path, is_within, symlink_on
 from ._iso_desired import IsoError
 from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes, tree_os_release
-from ._rsync import is_excluded
+from ._rsync import is_excluded, literal_pattern
 from ._snapper import Snapper
 
 LIVE_PACKAGES = ("live-boot", "live-config", "live-config-systemd")
 CALAMARES_PACKAGES = ("calamares", "calamares-settings-debian")
+# dpkg's status is a few MiB with thousands of packages: a larger one is refused, not read.
+DPKG_STATUS_LIMIT = 64 << 20
+# What a message shows of a name the tree gives itself (os-release's PRETTY_NAME).
+SHOWN_NAME = 80
 
 
 class Source:
@@ -139,8 +145,8 @@ def check_family(tree):
         raise IsoError(
             "live ISOs of %s (ID=%s) are not yet supported: only the Debian family (live-boot) is; "
             "dracut dmsquash-live and archiso images are planned" % (
-                release.get("PRETTY_NAME") or release.get("NAME") or "this distribution",
-                release.get("ID", "unknown")))
+                (release.get("PRETTY_NAME") or release.get("NAME") or "this distribution")[:SHOWN_NAME],
+                release.get("ID", "unknown")[:SHOWN_NAME]))
 
 
 def _identify(runner, desired, source):
@@ -210,7 +216,7 @@ def image_excludes(desired, source):
     excludes += mount_excludes(source.root, desired.keep_home)
     for path in (desired.dest_dir, work_parent(desired, source)):
         if is_within(path, source.root) and path != source.root:
-            excludes.append("/" + os.path.relpath(path, source.root) + "/*")
+            excludes.append("/" + literal_pattern(os.path.relpath(path, source.root)) + "/*")
     return excludes + ["/" + pattern.lstrip("/") for pattern in desired.exclude]
 
 
@@ -248,11 +254,33 @@ def file_in_tree(tree, relative, where):
     raise IsoError("%s in %s is not a regular file; put the file itself there in the source" % (relative, where))
 
 
-def read_in_tree(tree, relative):
+def read_bounded(tree, relative, limit, what, where):
+    """The bytes of the regular file at the link-free path relative, or None
+    when it is missing or no regular file. The tree is not trusted: a file
+    larger than limit (what names its kind) is refused before it is read,
+    with an IsoError naming it and the limit, and never more than limit + 1
+    bytes are read (it may grow meanwhile)."""
+    info = tree.lstat(relative)
+    size = info.st_size if info is not None and stat.S_ISREG(info.st_mode) else 0
+    data = None
+    if size <= limit:
+        # One byte more than its size, not limit + 1: read() allocates what it is asked for.
+        data = tree.read_bytes(relative, size + 1)
+        if data is not None and len(data) > size:  # it grew since: again, to the limit
+            data = tree.read_bytes(relative, limit + 1)
+            size = len(data or b"")
+    if size > limit:
+        raise IsoError("/%s in %s is %s, more than the %s this module reads of %s: none is that large, so it is "
+                       "damaged or planted; put a sound one in its place in the source" % (
+                           relative, where, bytes_to_human(size), bytes_to_human(limit), what))
+    return data
+
+
+def read_in_tree(tree, relative, limit, what, where):
     """The bytes of the file at relative as the tree's own system reads it
-    (etc/os-release -> ../usr/lib/os-release), or None."""
+    (etc/os-release -> ../usr/lib/os-release), at most limit (read_bounded), or None."""
     inside = tree.resolve(relative)
-    return None if inside is None else tree.read_bytes(inside)
+    return None if inside is None else read_bounded(tree, inside, limit, what, where)
 
 
 def kernels(tree, where):
@@ -273,9 +301,10 @@ def kernels(tree, where):
     return sorted(found, key=lambda entry: _version_key(entry[0]))
 
 
-def installed_packages(tree):
+def installed_packages(tree, where="the source"):
     """{package: version} of what the tree's dpkg status has installed."""
-    text = (read_in_tree(tree, "var/lib/dpkg/status") or b"").decode("utf-8", "replace")
+    status = read_in_tree(tree, "var/lib/dpkg/status", DPKG_STATUS_LIMIT, "a dpkg status", where)
+    text = (status or b"").decode("utf-8", "replace")
     installed = {}
     for block in text.split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and line[:1] != " ")

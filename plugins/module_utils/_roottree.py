@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 
 from ._beneath import BeneathError, Tree
 from ._fs import MOUNTINFO, is_within, read_mounts
+from ._rsync import literal_pattern
 
 STANDARD_EXCLUDES = [
     "/dev/*", "/proc/*", "/sys/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*", "/lost+found",
@@ -53,7 +55,8 @@ def mount_excludes(source, include_home, mountinfo=MOUNTINFO, mounts=None):
         relative = "/" + os.path.relpath(mount.point, source)
         if include_home and relative in HOME_DIRS:
             continue
-        excludes.append(relative + "/*")
+        # A path, not a pattern: /srv/disk[1]/* left out /srv/disk1 and copied the mount.
+        excludes.append(literal_pattern(relative) + "/*")
     return sorted(set(excludes))
 
 
@@ -77,10 +80,12 @@ def parse_os_release(text):
 
 
 def read_os_release(path):
-    """The KEY=value pairs of the os-release file at path (the host's own)."""
+    """The KEY=value pairs of the os-release file at path (the host's own);
+    {} when it is missing or no regular file (a FIFO would block the read)."""
     # A damaged file must not stop a backup: undecodable bytes become U+FFFD.
-    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as handle:
-        return parse_os_release(handle.read(OS_RELEASE_LIMIT))
+    with contextlib.suppress(OSError), open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as handle:
+        if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return parse_os_release(handle.read(OS_RELEASE_LIMIT).decode("utf-8", "replace"))
     return {}
 
 

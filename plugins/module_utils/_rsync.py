@@ -84,10 +84,14 @@ def parse_output(out):
 
 
 def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=False,
-              delete_excluded=False, rsh=None, source_is_file=False):
+              delete_excluded=False, rsh=None, source_is_file=False, one_file_system=False):
     """argv copying the tree at source into dest (both directories; either
-    may be USER@HOST:PATH, reached with the remote shell command rsh)."""
+    may be USER@HOST:PATH, reached with the remote shell command rsh). With
+    one_file_system, its --delete does not go into other filesystems
+    mounted in dest."""
     argv = ["rsync"] + COPY_OPTIONS
+    if one_file_system:
+        argv.append("--one-file-system")
     if rsh:
         argv += ["-e", rsh]
     if checksum:
@@ -106,14 +110,30 @@ def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=Fal
     return argv + [source.rstrip("/") + "/", dest.rstrip("/") + "/"]
 
 
-def _wildcard_regex(pattern):
-    """The regex of one rsync pattern: * and ? stay within a component, **
-    crosses them, [...] is a class, and a backslash makes the next character
-    literal (as literal_pattern writes it)."""
+# What makes a pattern a wildcard one: rsync compares a pattern holding none
+# of these as plain text, and reads a backslash as an escape only in one that
+# holds any (rsync(1), PATTERN MATCHING RULES).
+_WILDCARDS = re.compile(r"[*?[]")
+# wildmatch's named classes, [[:alpha:]] and the like (ASCII, as in the C locale).
+_NAMED_CLASSES = {
+    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "blank": " \\t", "cntrl": "\\x00-\\x1f\\x7f",
+    "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~", "punct": "!-/:-@\\[-`{-~",
+    "space": " \\t\\n\\r\\f\\v", "upper": "A-Z", "xdigit": "0-9A-Fa-f",
+}
+
+
+def _wildcard_regex(pattern, wild):
+    """The regex of one rsync pattern, or of a part of one whose whole holds
+    a wildcard (wild): * and ? stay within a component, ** crosses them,
+    [...] is a class, and a backslash makes the next character literal."""
+    if not wild:
+        return re.escape(pattern)
     out, i = [], 0
     while i < len(pattern):
         char = pattern[i]
-        if char == "\\" and i + 1 < len(pattern):
+        if char == "\\":
+            if i + 1 == len(pattern):
+                return "(?!)"  # a trailing backslash: wildmatch matches nothing
             out.append(re.escape(pattern[i + 1]))
             i += 2
         elif pattern.startswith("**", i):
@@ -125,27 +145,60 @@ def _wildcard_regex(pattern):
         elif char == "?":
             out.append("[^/]")
             i += 1
-        elif char == "[" and _class_end(pattern, i) > 0:
-            end = _class_end(pattern, i)
-            body = pattern[i + 1:end]
-            negated = body[:1] in ("!", "^")
-            members = "".join(c if c == "-" else re.escape(c) for c in body[negated:])
-            out.append("[%s%s]" % ("^" if negated else "", members))
-            i = end + 1
+        elif char == "[":
+            regex, i = _class_regex(pattern, i)
+            if regex is None:
+                return "(?!)"  # an unclosed class: wildmatch matches nothing
+            out.append(regex)
         else:
             out.append(re.escape(char))
             i += 1
     return "".join(out)
 
 
-def _class_end(pattern, start):
-    """The index of the ] closing the class opened at start, or -1."""
+def _class_regex(pattern, start):
+    """The regex of the class opened at start and the index after its ], or
+    (None, -1) when wildmatch finds it malformed (it then matches nothing):
+    ! or ^ negates, a first ] is a member, a backslash escapes inside it too,
+    [:name:] is a named class, and no class matches a /."""
     i = start + 1
-    if pattern[i:i + 1] in ("!", "^"):
+    negated = pattern[i:i + 1] in ("!", "^")
+    i += negated
+    members, previous = [], None
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "]" and i > start + 1 + negated:
+            return "[%s%s]" % ("^/" if negated else "", "".join(members)), i + 1
+        if char == "\\":
+            i += 1
+            if i == len(pattern):
+                break
+            char = pattern[i]
+        elif char == "-" and previous is not None and pattern[i + 1:i + 2] not in ("", "]"):
+            i += 1
+            if pattern[i] == "\\":
+                i += 1
+                if i == len(pattern):
+                    break
+            if previous <= pattern[i]:  # else only its first character, already a member
+                members.append("%s-%s" % (re.escape(previous), re.escape(pattern[i])))
+            previous = None
+            i += 1
+            continue
+        elif char == "[" and pattern.startswith(":", i + 1):
+            close = pattern.find("]", i + 2)
+            if close < 0:
+                break
+            if close > i + 2 and pattern[close - 1] == ":":  # else [: is a plain [
+                if pattern[i + 2:close - 1] not in _NAMED_CLASSES:
+                    break
+                members.append(_NAMED_CLASSES[pattern[i + 2:close - 1]])
+                previous, i = None, close + 1
+                continue
+        members.append(re.escape(char))
+        previous = char
         i += 1
-    if pattern[i:i + 1] == "]":
-        i += 1
-    return pattern.find("]", i)
+    return None, -1
 
 
 @functools.lru_cache(maxsize=16)
@@ -157,13 +210,14 @@ def _exclusion_regexes(patterns):
     groups = ([], [], [])
     for pattern in patterns:
         pattern = pattern.rstrip("/")
+        regex = _wildcard_regex(pattern, bool(_WILDCARDS.search(pattern)))
         if pattern.startswith("/"):
-            groups[0].append(_wildcard_regex(pattern))
+            groups[0].append(regex)
         elif "/" in pattern or "**" in pattern:
-            groups[1].append("(?:.*/)?" + _wildcard_regex(pattern))
+            groups[1].append("(?:.*/)?" + regex)
         else:
-            groups[2].append(_wildcard_regex(pattern))
-    return tuple(re.compile("|".join("(?:%s)" % regex for regex in group)) if group else None
+            groups[2].append(regex)
+    return tuple(re.compile("|".join("(?:%s)" % regex for regex in group), re.S) if group else None
                  for group in groups)
 
 
@@ -184,6 +238,53 @@ def is_excluded(relative, patterns):
     return False
 
 
+# How literal_pattern writes each character that a pattern or a glob reads as
+# more than itself: as a class of that one character.
+_CLASS_OF = {"*": "[*]", "?": "[?]", "[": "[[]", "\\": "[\\\\]"}
+# rrsync splits the command it is sent at whitespace as Python's re knows it,
+# and rsync escapes only spaces and tabs for it: a path holding other
+# whitespace (a newline, a no-break space) reaches the client as two paths.
+_SPLIT_BY_RRSYNC = re.compile(r"[^\S \t]|\x00")
+
+
 def literal_pattern(path):
-    """An rsync pattern that matches path and nothing else."""
-    return re.sub(r"([*?\[])", r"\\\1", path)
+    """A pattern that matches path and nothing else, for rsync's filter rules
+    (--exclude, protect) and for the PATH of a remote USER@HOST:PATH, which
+    rrsync on the client expands with Python's glob (/srv/[ab] copied /srv/a
+    and /srv/b, never /srv/[ab]).
+
+    Each of * ? [ and the backslash becomes a class of itself: [*] [?] [[]
+    [\\\\], which rsync's wildmatch, Python's glob and a shell all read alike.
+    A backslash escape would not do: rsync reads a backslash as an escape only
+    in a pattern holding a wildcard (so an escaped backslash would turn into
+    two in one without), and rrsync takes every backslash off before its glob.
+    As each class is a wildcard itself, the pattern reads the same with a
+    tail such as /* joined to it or its first components cut off."""
+    return "".join(_CLASS_OF.get(char, char) for char in path)
+
+
+def pattern_beneath(pattern, path):
+    """The /-anchored pattern that matches, in a copy of path's tree, what the
+    /-anchored pattern matches beneath path in a copy of the whole; None when
+    it matches nothing there or a ** among path's components could match it
+    at more than one depth."""
+    wild = bool(_WILDCARDS.search(pattern))
+    parts, names = pattern[1:].split("/"), path.strip("/").split("/")
+    if not "".join(parts[len(names):]):
+        return None
+    for part, name in zip(parts, names):
+        if "**" in part or not re.fullmatch(_wildcard_regex(part, wild), name, re.S):
+            return None
+    rest = "/" + "/".join(parts[len(names):])
+    if wild and not _WILDCARDS.search(rest):
+        rest = re.sub(r"\\(.)", r"\1", rest, flags=re.S)  # rsync would read its escapes as text
+    return rest
+
+
+def remote_path_problem(path):
+    """None, or why path cannot be the PATH of a remote USER@HOST:PATH."""
+    if _SPLIT_BY_RRSYNC.search(path):
+        return ("the client's path %r holds a NUL or a whitespace character other than a space or a tab (a "
+                "newline, a no-break space), which rrsync on the client would take as the end of the path; "
+                "rename it" % path)
+    return None

@@ -29,10 +29,23 @@ import os
 import stat
 
 from ._beneath import BeneathError, Tree
-from ._cache import CACHE_NAME, HOLDER_NAME, META_NAME, PENDING_NAME, SNAPSHOTS_NAME, CacheError, CacheReader
+from ._cache import (
+    CACHE_NAME,
+    HOLDER_NAME,
+    META_NAME,
+    PENDING_NAME,
+    RECORD_LIMIT,
+    RECORDS_NAME,
+    SNAPSHOTS_NAME,
+    CacheError,
+    CacheReader,
+    parse_backup_record,
+    record_path,
+)
 from ._cache_apply import PROTECT, CacheApplier, rsync_copy, verify_dir
 from ._cache_checks import (
     backup_excludes,
+    base_access,
     cache_lock,
     check_base_path,
     check_flags,
@@ -43,6 +56,8 @@ from ._cache_checks import (
     refuse_immutable_paths,
     restore_excludes,
     stale_files,
+    stale_records,
+    unsafe_mount_warnings,
 )
 from ._cache_plan import (
     BackupState,
@@ -148,14 +163,17 @@ class _Run:
                 check_source(desired, excludes)
                 versioning, warnings = choose_versioning(desired, cache)
                 self.warnings += warnings
-                state = BackupState(cache, versioning, excludes, stale_files(tree))
+                state = BackupState(cache, versioning, excludes, stale_files(tree), base_access=base_access(tree),
+                                    stale_records=stale_records(tree, cache))
+                if desired.remote:
+                    self.warnings += unsafe_mount_warnings(desired.base_dir)
                 if desired.remote:
                     state.pinned_keys = self.check_client(tree, pull=True)
                 if versioning == "snapper" and cache.snapper_manages_cache:
                     state.snapper_settings = self.snapper.get_config()
                 if self.check_mode:
-                    state.transfer = rsync_copy(self.runner, desired.source_location, cache.cache_dir, excludes,
-                                                desired.checksum, True, self.warnings, PROTECT, True,
+                    state.transfer = rsync_copy(self.runner, desired, desired.source_location, cache.cache_dir,
+                                                excludes, True, self.warnings, PROTECT, True,
                                                 base_dir=desired.base_dir, link=self.link)
                     refuse_immutable_paths(cache.cache_dir, state.transfer, cache.cache_dir)
                 return state
@@ -183,8 +201,8 @@ class _Run:
 
             def read():
                 cache = self.read_cache()
-                return RemoveState(cache, [name for name in (META_NAME, HOLDER_NAME, PENDING_NAME,
-                                                             KNOWN_HOSTS_NAME) if tree.lstat(name) is not None])
+                return RemoveState(cache, [name for name in (META_NAME, HOLDER_NAME, PENDING_NAME, KNOWN_HOSTS_NAME,
+                                                             RECORDS_NAME) if tree.lstat(name) is not None])
 
             def plan(state):
                 operations = plan_remove(desired, state)
@@ -225,13 +243,15 @@ class _Run:
                     self.check_local_dest(info)
                 verify_dir(tree, cache.relative(snapshot.path), subvolume=True)
                 source, is_file = self.restore_source(tree, cache, snapshot)
+                recorded = parse_backup_record(tree.read_text(record_path(snapshot.name), RECORD_LIMIT), snapshot.name)
                 # A remote destination is the role's to check and create (it is on the client).
-                state = RestoreState(cache, snapshot, restore_excludes(desired), source=source,
-                                     dest_exists=info is not None or bool(desired.remote), source_is_file=is_file)
+                state = RestoreState(cache, snapshot, restore_excludes(desired, recorded), source=source,
+                                     dest_exists=info is not None or bool(desired.remote), source_is_file=is_file,
+                                     recorded=recorded is not None)
                 occupied = bool(desired.remote) or (info is not None and bool(os.listdir(dest)))
                 if occupied or self.check_mode:
-                    state.listing = rsync_copy(self.runner, source, desired.dest_location, state.excludes,
-                                               desired.checksum, True, self.warnings, link=self.link,
+                    state.listing = rsync_copy(self.runner, desired, source, desired.dest_location, state.excludes,
+                                               True, self.warnings, link=self.link,
                                                source_is_file=is_file)
                     if occupied and not desired.remote:
                         refuse_immutable_paths(dest, state.listing, "restore_dest %s" % dest)

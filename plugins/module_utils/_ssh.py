@@ -9,6 +9,11 @@ The server reaches a client with a key of its own that the client restricts
 to a read-only rsync (`restrict,command="rrsync -ro /"`). Nothing here trusts
 the network: the client's host keys are the ones the controller gathered,
 pinned in a known_hosts file of the client's cache and checked strictly.
+
+ssh reads `%` in the file names of its options as the start of a token and
+`${` as an environment variable: file names go to it as options
+(`-o IdentityFile=`, never `-i`, which looks the name up before expanding
+it) with `%` doubled, and `${` is refused.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
+from ._rsync import literal_pattern, remote_path_problem
 from ._text import check_plain_text, check_user_name
 
 # The name every pinned key is filed under (ssh's HostKeyAlias): the pin
@@ -36,6 +42,21 @@ KEY_TYPES = frozenset({
 # A DNS name: dot-separated RFC 1123 labels.
 DNS_NAME = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
                       r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# A network interface's name as the kernel takes it (dev_valid_name: 1 to 15
+# bytes, without '/', ':' or blanks, not . or ..), of the characters that ssh
+# and rsync carry as they are (not '@', ']', quotes or shell syntax).
+INTERFACE_NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.+-]{1,15}")
+# What a file name given to ssh may not hold: blanks split an option's value,
+# quotes and backslashes quote it, `${` names an environment variable (ssh
+# has no escape for it), and rsync's -e command is split at blanks too.
+_SSH_UNSAFE_PATH = re.compile(r"[\x00-\x20'\"\\\x7f]|\$\{")
+# Where the probe asks the client's sshd to connect (-W): a port nothing
+# serves, so that a key allowed to forward gets "connect failed" at once.
+FORWARD_PROBE_TARGET = "127.0.0.1:1"
+# The time limit of that probe, beyond ssh's connect timeout.
+FORWARD_PROBE_SECONDS = 20
+# timeout(1)'s exit statuses (_command.CommandRunner's time limits): the limit hit, then the kill after it.
+_TIMED_OUT = (124, 137)
 # What ssh prints about the key a host sent when it is not the pinned one.
 _SENT_FINGERPRINT = re.compile(r"key sent by the remote host is\s+(SHA256:[A-Za-z0-9+/=]+)")
 SSH_FAILED = 255
@@ -109,16 +130,14 @@ class Remote:
     @classmethod
     def from_params(cls, params):
         host = params["host"]
-        if not _is_address(host):
-            raise RemoteError("remote.host %r is neither a host name nor an IP address; give the address the "
-                              "server reaches the client at" % (host,))
-        problem = check_user_name("remote.user", params["user"])
+        problem = check_host(host) or check_user_name("remote.user", params["user"])
         if problem:
             raise RemoteError(problem)
         identity = params["identity_file"]
-        if not identity or not identity.startswith("/") or re.search(r"[\x00-\x20'\"\\\x7f]", identity):
+        if not identity or not identity.startswith("/") or _SSH_UNSAFE_PATH.search(identity):
             raise RemoteError("remote.identity_file %r must be an absolute path without blanks, quotes, "
-                              "backslashes or control characters (it goes into rsync's -e command)" % (identity,))
+                              "backslashes, control characters or '${' (it goes into rsync's -e command, and ssh "
+                              "reads '${' as an environment variable)" % (identity,))
         if not 0 < params["port"] < 65536:
             raise RemoteError("remote.port %d is not a TCP port; give 1-65535" % params["port"])
         if params["connect_timeout"] < 1:
@@ -147,21 +166,26 @@ class Remote:
         return "%s@%s:%d" % (self.user, self.host, self.port)
 
     def location(self, path):
-        """rsync's USER@HOST:PATH (an IPv6 address in brackets)."""
+        """rsync's USER@HOST:PATH (an IPv6 address in brackets). rrsync on the
+        client expands PATH as a glob, so it is escaped to name path alone."""
+        problem = remote_path_problem(path)
+        if problem:
+            raise RemoteError(problem)
         host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s@%s:%s" % (self.user, host, path)
+        return "%s@%s:%s" % (self.user, host, literal_pattern(path))
 
     def ssh_argv(self, known_hosts):
         """ssh as the pull runs it: this key only, the pinned keys only, no prompt, no compression."""
         options = {
             "BatchMode": "yes", "IdentitiesOnly": "yes", "IdentityAgent": "none",
-            "StrictHostKeyChecking": "yes", "UserKnownHostsFile": known_hosts,
+            "StrictHostKeyChecking": "yes", "UserKnownHostsFile": ssh_file_option(known_hosts),
             "GlobalKnownHostsFile": "/dev/null", "HostKeyAlias": HOST_KEY_ALIAS,
             "UpdateHostKeys": "no", "ConnectTimeout": str(self.connect_timeout),
             "ServerAliveInterval": "15", "ServerAliveCountMax": "4", "Compression": "no",
             "ControlMaster": "no", "ControlPath": "none", "ForwardAgent": "no", "ClearAllForwardings": "yes",
         }
-        argv = ["ssh", "-F", "/dev/null", "-i", self.identity_file, "-p", str(self.port), "-l", self.user]
+        argv = ["ssh", "-F", "/dev/null", "-o", "IdentityFile=" + ssh_file_option(self.identity_file),
+                "-p", str(self.port), "-l", self.user]
         for name, value in options.items():
             argv += ["-o", "%s=%s" % (name, value)]
         return argv
@@ -172,14 +196,35 @@ class Remote:
         return " ".join("'%s'" % word if re.search(r"[ =]", word) else word for word in words)
 
 
-def _is_address(host):
+def check_host(host):
+    """None, or the refusal of remote.host: a DNS name, an IP address, or an
+    IPv6 address with a scope (fe80::1%eth0: the interface, by name or index,
+    that the server reaches a link-local address through)."""
     if not isinstance(host, str) or not host:
-        return False
+        return "remote.host is empty; give the address the server reaches the client at"
+    address, percent, scope = host.partition("%")
     try:
-        ipaddress.ip_address(host)
-        return True
+        ip = ipaddress.ip_address(address)
     except ValueError:
-        return bool(DNS_NAME.fullmatch(host))
+        ip = None
+    if not percent:
+        if ip or DNS_NAME.fullmatch(host):
+            return None
+        return ("remote.host %r is neither a host name nor an IP address; give the address the server reaches "
+                "the client at" % (host,))
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return ("remote.host %r holds '%%', which only an IPv6 address takes (fe80::1%%eth0: the server's "
+                "interface after the '%%'); give a host name or an IP address" % (host,))
+    if not INTERFACE_NAME.fullmatch(scope):
+        return ("remote.host %r has the scope %r, which is not the name or index of a network interface: give the "
+                "server's interface the link-local address is reached through, such as fe80::1%%eth0 (1 to 15 "
+                "letters, digits, '.', '_', '+' or '-', not . or ..)" % (host, scope))
+    return None
+
+
+def ssh_file_option(path):
+    """A file name as an ssh option's value: ssh expands `%` tokens there, `%%` is one `%`."""
+    return path.replace("%", "%%")
 
 
 def check_pinned(remote, pinned):
@@ -228,6 +273,27 @@ def probe_verdict(remote, rc, out, err):
             % (remote.identity_file, remote.name, "ran" if rc in (0, 127) else "exited %d" % rc, answered))
 
 
+def forward_verdict(remote, rc, out, err, pinned_keys=()):
+    """The refusal of a key the client lets forward ports, or None.
+
+    The probe asks the client's sshd to connect to FORWARD_PROBE_TARGET for
+    the server (ssh -W, no command). A key with `restrict` (or an sshd with
+    AllowTcpForwarding no) has the channel refused, "administratively
+    prohibited"; a key that may forward has it opened, or tried ("connect
+    failed"), whatever its forced command: rrsync limits the commands, not
+    the forwarding, and anyone holding the key could reach the client's
+    network through it."""
+    text = ((err or "") + (out or "")).strip()
+    if "administratively prohibited" in text:
+        return None
+    if rc == 0 or "open failed: connect failed" in text:
+        return ("the key %s may forward ports through %s (the client's sshd opened a connection to %s for it), so "
+                "no backup is pulled with it: add restrict to its options in the client's authorized_keys, "
+                "restrict,command=\"/usr/bin/rrsync -ro /\" (the backup_server role does); a forced command alone "
+                "does not stop forwarding" % (remote.identity_file, remote.name, FORWARD_PROBE_TARGET))
+    return ssh_failure(remote, text, pinned_keys or remote.host_keys, "the check of the server's key")
+
+
 def push_verdict(remote, rc):
     """The refusal of a key that let a dry-run push in, or None."""
     if rc == 0:
@@ -272,6 +338,21 @@ class Link:
     def ssh_argv(self, *command):
         return [self.ssh_path] + self.remote.ssh_argv(self.known_hosts)[1:] + ["--", self.remote.host] + list(command)
 
+    def forward_probe_argv(self):
+        """ssh -W to FORWARD_PROBE_TARGET on the client."""
+        return ([self.ssh_path] + self.remote.ssh_argv(self.known_hosts)[1:]
+                + ["-W", FORWARD_PROBE_TARGET, "--", self.remote.host])
+
+    def probe(self, runner, argv, what):
+        """(rc, out, err) of one of the key's checks, within connect_timeout + FORWARD_PROBE_SECONDS:
+        a client that accepts the connection and then stalls fails the check, saying so."""
+        seconds = self.remote.connect_timeout + FORWARD_PROBE_SECONDS
+        rc, out, err = runner.run_capture(argv, timeout=seconds)
+        if rc in _TIMED_OUT:
+            raise RemoteError("the check of the server's key on %s (%s) did not end within %d s, so no backup is "
+                              "pulled; find out what answers there" % (self.remote.name, what, seconds))
+        return rc, out, err
+
     def rsync_shell(self):
         return self.remote.rsync_shell(self.ssh_path, self.known_hosts)
 
@@ -283,15 +364,20 @@ class Link:
 
     def check_restricted(self, runner):
         """Refuses a key the client does not restrict to a read-only rrsync:
-        it must refuse a command that is not rsync, and a (dry-run) push."""
-        rc, out, err = runner.run_capture(self.ssh_argv("liveclone-probe"))
+        it must refuse a command that is not rsync, a port forward, and a
+        (dry-run) push."""
+        rc, out, err = self.probe(runner, self.ssh_argv("liveclone-probe"), "whether it runs a command")
         if rc == SSH_FAILED or (rc != 0 and self.failed_in_ssh(err) and "rrsync" not in err):
             raise RemoteError(self.failure(err or out, "the check of the server's key"))
         problem = probe_verdict(self.remote, rc, out, err)
         if problem:
             raise RemoteError(problem)
-        rc, out, err = runner.run_capture(["rsync", "--dry-run", "--recursive", "-e", self.rsync_shell(),
-                                           self.empty_dir + "/", self.remote.location("/")])
+        rc, out, err = self.probe(runner, self.forward_probe_argv(), "whether it may forward ports")
+        problem = forward_verdict(self.remote, rc, out, err, self.pinned_keys)
+        if problem:
+            raise RemoteError(problem)
+        rc, out, err = self.probe(runner, ["rsync", "--dry-run", "--recursive", "-e", self.rsync_shell(),
+                                           self.empty_dir + "/", self.remote.location("/")], "whether it may write")
         problem = push_verdict(self.remote, rc)
         if problem:
             raise RemoteError(problem)

@@ -148,6 +148,25 @@ options:
     description: Seconds to wait for another run on the same cache before failing; an integer, 0 or more.
     type: int
     default: 300
+  io_timeout:
+    description:
+      - Seconds a copy (a backup, a pull, a restore) may go with C(rsync) reading nothing (its processes'
+        reads, from the source, the client's connection and the files it compares) before it is stopped
+        (C(TERM), C(KILL) 30 s later), so that a stalled client, a hung filesystem or a dead link fails
+        the run instead of holding the cache's lock for ever; V(0) for no limit.
+      - C(rsync --timeout) is not used for this; it misses a sender that stops, because the keep-alives
+        the receiving side writes count as activity.
+      - The run then fails saying so, the lock is released, no snapshot is taken, and the next run
+        finishes the copy.
+    type: int
+    default: 300
+  copy_timeout:
+    description:
+      - Seconds a copy may take in all, however slowly its data moves; past it C(rsync) is stopped
+        (C(TERM) to it and the processes it started, C(KILL) 30 s later) and the run fails as with
+        O(io_timeout). V(0) for no limit.
+    type: int
+    default: 86400
   restore_path:
     description:
       - What of the snapshot O(state=restored) copies, as a path in the backed-up tree (V(/etc),
@@ -425,6 +444,8 @@ def main():
             restore_delete_extra=dict(type="bool", default=False),
             allow_restore_to_root=dict(type="bool", default=False),
             lock_timeout=dict(type="int", default=300),
+            io_timeout=dict(type="int", default=300),
+            copy_timeout=dict(type="int", default=86400),
             restore_path=dict(type="path", default="/"),
             remote=dict(type="dict", options=dict(
                 host=dict(type="str", required=True),

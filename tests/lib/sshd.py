@@ -6,13 +6,19 @@ test's sandbox, run in the foreground as a child (-D -e) and stopped by its
 PID. Nothing is written to ~/.ssh or /etc/ssh, and nothing listens beyond
 127.0.0.1.
 
-sshd runs in a mount namespace of its own (unshare, as root), where
-/etc/passwd and /etc/group are copies: they add the user `sshd` that its
-privilege separation needs when the machine has none (no openssh-server is
-installed), and the users and groups the test gives the client, so that the
-client can name an id differently from the server, as another machine would.
-The host's files never change, and the mounts go with sshd. sshd also needs
-the directory /run/sshd, created when missing, as Debian's package does.
+sshd runs in a mount namespace of its own (unshare, as root) with an /etc of
+its own: a copy of the test's /etc on a tmpfs, bound over /etc there, whose
+passwd and group add the user `sshd` that its privilege separation needs when
+the machine has none (no openssh-server is installed), and the users and
+groups the test gives the client, so that the client can name an id
+differently from the server, as another machine would. The copy covers the
+directory /etc, which nothing replaces, not the files in it: a package
+install that renames a new /etc/passwd into place while a test runs (as
+useradd does) leaves sshd's accounts alone, where a bind mount over
+/etc/passwd went with the file it covered. The host's files never change,
+and the mounts go with sshd. sshd
+also needs the directory /run/sshd, created when missing, as Debian's
+package does.
 """
 
 from __future__ import annotations
@@ -79,9 +85,9 @@ def sshd_binary():
 
 
 def user_database(directory, users=(), groups=()):
-    """Copies of /etc/passwd and /etc/group in directory for sshd's namespace,
-    adding users and groups (passwd and group lines) and a user `sshd` for
-    privilege separation when there is none. Returns their paths."""
+    """sshd's /etc/passwd and /etc/group, written in directory: the test's,
+    with users and groups (passwd and group lines) added, and a user `sshd`
+    for privilege separation when there is none. Returns their paths."""
     with open("/etc/passwd") as handle:
         passwd = handle.read().rstrip("\n").split("\n") + list(users)
     with open("/etc/group") as handle:
@@ -102,12 +108,15 @@ def user_database(directory, users=(), groups=()):
     return paths
 
 
-# Run in sshd's own mount namespace: the copies over the user database, a
-# check of the configuration, then sshd in place of the shell (same PID).
-_LAUNCH = 'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/group && "$3" -t -f "$4" && exec "$3" -D -e -f "$4"'
+# Run in sshd's own mount namespace: /etc copied onto a tmpfs with sshd's
+# user database, that copy bound over /etc, a check of the configuration,
+# then sshd in place of the shell (same PID).
+_LAUNCH = ('mount -t tmpfs -o mode=0755,size=64m liveclone-sshd-etc "$1" && cp -a /etc/. "$1"/ '
+           '&& cp "$2" "$1"/passwd && cp "$3" "$1"/group && mount --bind "$1" /etc '
+           '&& "$4" -t -f "$5" && exec "$4" -D -e -f "$5"')
 
 
-def config_text(directory, port, host_key):
+def config_text(directory, port, host_key, forwarding=False):
     return "\n".join([
         "ListenAddress 127.0.0.1",
         "Port %d" % port,
@@ -128,7 +137,8 @@ def config_text(directory, port, host_key):
         "HostbasedAuthentication no",
         "PermitUserEnvironment no",
         "AllowAgentForwarding no",
-        "AllowTcpForwarding no",
+        # Off unless asked for: OpenSSH's default (yes), to see what a key's options allow.
+        "AllowTcpForwarding %s" % ("yes" if forwarding else "no"),
         "X11Forwarding no",
         "PermitTunnel no",
         "UseDNS no",
@@ -227,12 +237,13 @@ def _stop(process, children):
 
 
 @contextlib.contextmanager
-def running_sshd(directory, host_key=None, port=None, users=(), groups=()):
+def running_sshd(directory, host_key=None, port=None, users=(), groups=(), forwarding=False):
     """Start sshd on 127.0.0.1 with everything in directory (created): its
     config, a new ed25519 host key (or host_key, a Key), its log and PID file
     and the authorized_keys that Sshd.authorize fills; users and groups are
-    passwd and group lines of the client's own. Yields the Sshd; stops it,
-    and any connection it still serves, by PID on the way out."""
+    passwd and group lines of the client's own; forwarding lets keys forward
+    TCP ports unless their options forbid it. Yields the Sshd; stops it, and
+    any connection it still serves, by PID on the way out."""
     if os.geteuid() != 0:
         raise RuntimeError("the test sshd needs root (it logs in as root, in a mount namespace of its own)")
     os.makedirs(directory, exist_ok=True)
@@ -241,15 +252,17 @@ def running_sshd(directory, host_key=None, port=None, users=(), groups=()):
     port = port or free_port()
     config = os.path.join(directory, "sshd_config")
     with open(config, "w") as handle:
-        handle.write(config_text(directory, port, host_key.path))
+        handle.write(config_text(directory, port, host_key.path, forwarding))
     open(os.path.join(directory, "authorized_keys"), "a").close()
     passwd, group = user_database(directory, users, groups)
+    etc = os.path.join(directory, "etc")
+    os.makedirs(etc, exist_ok=True)
     if not os.path.isdir(PRIVSEP_DIR):
         os.makedirs(PRIVSEP_DIR, mode=0o755)
     log = os.path.join(directory, "sshd.log")
     with open(log, "w") as handle:
         process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-                                    _LAUNCH, "sh", passwd, group, binary, config],
+                                    _LAUNCH, "sh", etc, passwd, group, binary, config],
                                    stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
     sshd = None
     try:

@@ -214,3 +214,15 @@ def pytest_terminal_summary(terminalreporter):
         "reliability: faults injected %(faults injected)d, survived %(faults survived)d; "
         "bad inputs tried %(bad inputs tried)d, rejected cleanly %(bad inputs rejected cleanly)d; "
         "hostile cases tried %(hostile cases tried)d, held %(hostile cases held)d" % TALLY)
+
+
+@pytest.fixture
+def work(sandbox, canary, monkeypatch, request):
+    """The test's directory; the module's own temporary files (TMPDIR) go there too, not
+    into the host's /tmp. The canary outside every target must be unchanged after the test."""
+    path = os.path.join(sandbox, "work-" + request.node.name)
+    os.makedirs(os.path.join(path, "tmp"))
+    monkeypatch.setenv("TMPDIR", os.path.join(path, "tmp"))
+    yield path
+    changes = canary.changes()
+    assert not changes, "the canary outside every target changed: %s" % changes[:10]

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -515,6 +516,81 @@ def test_a_link_out_of_the_tree_where_the_image_reads_is_refused(
                 assert outcome.failed and outcome.result is not None, outcome.output[-2000:]
                 assert re.search(message, outcome.msg), outcome.msg
                 assert "Traceback" not in outcome.output
+            assert os.listdir(dest_dir) == []
+        shutil.rmtree(dest_dir)
+
+
+# --- files the build parses, truncated or huge: not signed, or refused by name --
+
+# 68 bytes: an MZ header pointing at a PE signature, and nothing after it.
+TRUNCATED_PE = b"MZ" + b"\0" * 0x3A + struct.pack("<I", 0x40) + b"PE\0\0"
+SPARSE_SIZE = 2 << 30
+# The peak memory of a run that refuses a 2 GiB kernel: it is never read whole.
+REFUSAL_RSS_KIB = 256 << 10
+
+
+def replace_file(merged, relative, content):
+    """Put content (bytes, or the size of a sparse file) at relative, a link there removed first."""
+    path = os.path.join(merged, relative)
+    if os.path.lexists(path):
+        os.unlink(path)
+    with open(path, "wb") as handle:
+        if isinstance(content, int):
+            handle.truncate(content)
+        else:
+            handle.write(content)
+
+
+def test_a_truncated_kernel_is_reported_unsigned(sandbox, canary, lab):
+    source = os.path.join(lab, "src-truncated-kernel")
+    shutil.copytree(os.path.join(lab, "src"), source, symlinks=True)
+    try:
+        replace_file(source, "boot/vmlinuz-6.1.0-1-amd64", TRUNCATED_PE)
+        params = {key: expand(value, lab) for key, value in dict(BASE, source_path=source).items()}
+        before = state_of(lab)
+        with hostile_case(canary):
+            outcome = run_module(sandbox, "live_iso", params, check=True)
+            assert not outcome.failed, outcome.msg
+            assert "Traceback" not in outcome.output
+            # (plain strings, or ansible-core's warning summaries holding them)
+            warnings = [str(item) for item in outcome.result.get("warnings", [])]
+            assert any("/boot/vmlinuz-6.1.0-1-amd64 carries no signature" in text for text in warnings), warnings
+            assert state_of(lab) == before, "check mode changed files"
+    finally:
+        shutil.rmtree(source)
+
+
+# (the file replaced in the source, its bytes or the size of a sparse file, secure_boot, what the message says)
+DAMAGED_PE = [
+    ("boot/vmlinuz-{version}", TRUNCATED_PE, "required",
+     r"secure_boot is required, but the source's kernel /boot/vmlinuz-\S+ carries no signature"),
+    ("usr/lib/shim/shimx64.efi.signed", TRUNCATED_PE, "auto",
+     r"/usr/lib/shim/shimx64.efi.signed, a piece of the signed chain, is not a PE image \(truncated"),
+    ("boot/vmlinuz-{version}", SPARSE_SIZE, "auto",
+     r"/boot/vmlinuz-\S+ in the source is 2.00 GB, more than the 64.00 MB this module reads .*secure_boot: off"),
+]
+
+
+@pytest.mark.parametrize(("relative", "content", "secure_boot", "message"), DAMAGED_PE,
+                         ids=["truncated-kernel", "truncated-shim", "sparse-kernel"])
+def test_a_truncated_or_huge_pe_image_is_refused_cleanly(
+        sandbox, canary, debian_tree, relative, content, secure_boot, message):
+    base = os.path.join(sandbox, "hostile-iso-damaged")
+    with overlay(base, "source", debian_tree) as merged:
+        version = sorted(name[len("vmlinuz-"):] for name in os.listdir(os.path.join(merged, "boot"))
+                         if name.startswith("vmlinuz-"))[-1]
+        replace_file(merged, relative.format(version=version), content)
+        dest_dir = os.path.join(base, "iso")
+        os.makedirs(dest_dir)
+        params = {"dest": os.path.join(dest_dir, "live.iso"), "source": "path", "source_path": merged,
+                  "compression": "lz4", "secure_boot": secure_boot}
+        with hostile_case(canary):
+            for check in (True, False):
+                outcome = run_module(sandbox, "live_iso", params, check=check)
+                assert outcome.failed and outcome.result is not None, outcome.output[-2000:]
+                assert re.search(message, outcome.msg), outcome.msg
+                assert "Traceback" not in outcome.output
+                assert outcome.max_rss_kib < REFUSAL_RSS_KIB, "peak memory %d KiB" % outcome.max_rss_kib
             assert os.listdir(dest_dir) == []
         shutil.rmtree(dest_dir)
 

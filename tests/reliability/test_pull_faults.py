@@ -17,7 +17,6 @@ import shutil
 import threading
 import time
 
-import pytest
 from conftest import loop_filesystem, make_small_tree, run, tree_digest, write_random
 from module_run import run_module
 from sshd import make_key, running_sshd
@@ -279,18 +278,6 @@ def pull_lab(work, canary, tag, size, names):
             if cache.client.sshd:
                 left = wait_gone(lambda cache=cache: pull_processes(cache.client, cache))
                 assert not left, "still running after the test: %s" % left
-
-
-@pytest.fixture
-def work(sandbox, canary, monkeypatch, request):
-    """The test's directory; the module's own temporary files (TMPDIR) go there too, not
-    into the host's /tmp. The canary outside every target must be unchanged after the test."""
-    path = os.path.join(sandbox, "pull-faults-" + request.node.name)
-    os.makedirs(os.path.join(path, "tmp"))
-    monkeypatch.setenv("TMPDIR", os.path.join(path, "tmp"))
-    yield path
-    changes = canary.changes()
-    assert not changes, "the canary outside every target changed: %s" % changes[:10]
 
 
 # --- 1. SIGKILL while rsync copies -----------------------------------------------

@@ -200,6 +200,17 @@ def test_restore_refuses_to_delete_what_the_snapshot_lacks():
         cp.plan_restore(desired(state="restored", restore_dest="/srv/r"), restore_state(listing=listing))
 
 
+def test_a_snapshot_without_its_backups_record_is_never_restored_over_files_it_lacks():
+    listing = TransferStats(changes=2, files_deleted=2, deleted_paths=["data/db", "data/"])
+    wanted = desired(state="restored", restore_dest="/srv/r", restore_delete_extra=True)
+    with pytest.raises(cm.CacheError, match=r"snapshot 2 holds no record of what its backup left out .*2 files in "
+                                            r"restore_dest /srv/r that it lacks \(data/db, data/\)"):
+        cp.plan_restore(wanted, restore_state(listing=listing, recorded=False))
+    # With the record, restore_delete_extra deletes them; into an empty directory, no record is needed.
+    assert cp.plan_restore(wanted, restore_state(listing=listing))
+    assert cp.plan_restore(wanted, restore_state(listing=TransferStats(changes=3), recorded=False))
+
+
 def test_restore_texts_when_done():
     stats = TransferStats(changes=1, files_deleted=1, deleted_paths=["x"])
     assert texts(cp.restore_operations(TWO[0], "/srv/r", stats, done=True)) == [

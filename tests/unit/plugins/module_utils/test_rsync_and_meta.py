@@ -139,7 +139,8 @@ def test_is_excluded(relative, patterns, expected):
 
 
 @pytest.mark.parametrize(("path", "pattern"), [
-    ("/srv/a*b", "/srv/a\\*b"), ("/srv/[x]?", "/srv/\\[x]\\?"), ("/srv/plain", "/srv/plain")])
+    ("/srv/a*b", "/srv/a[*]b"), ("/srv/[x]?", "/srv/[[]x][?]"), ("/srv/back\\slash", "/srv/back[\\\\]slash"),
+    ("/srv/plain", "/srv/plain")])
 def test_literal_pattern_escapes_what_rsync_reads_as_wildcards(path, pattern):
     assert literal_pattern(path) == pattern
 

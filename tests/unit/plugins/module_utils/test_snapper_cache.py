@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
@@ -10,6 +12,7 @@ from ansible_collections.liveclone.core.plugins.module_utils import _cache_apply
 from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
+from ansible_collections.liveclone.core.plugins.module_utils._command import CommandStalled, CommandTimeout
 from ansible_collections.liveclone.core.plugins.module_utils._fs import canonical_path
 from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 
@@ -106,13 +109,18 @@ def test_legacy_snapshots_of_one_minute_sort_by_counter():
         "@2026-06-17_14:30", "@2026-06-17_14:30_2", "@2026-06-17_14:30_10"]
 
 
+# What rsync_copy reads of a Desired: checksum and the time limits.
+LIMITS = SimpleNamespace(checksum=False, io_timeout=300, copy_timeout=86400, remote=None)
+
+
 class FakeRunner:
     def __init__(self, rc, out):
         self.rc, self.out = rc, out
 
-    def run(self, argv, ok_rcs=(0,)):
+    def run_watched(self, argv, ok_rcs=(0,), stall_timeout=0, timeout=0, watched=()):
         from ansible_collections.liveclone.core.plugins.module_utils._command import CommandError
 
+        self.argv, self.limits = argv, (stall_timeout, timeout, watched)
         if self.rc not in ok_rcs:
             raise CommandError("rsync exited with status %d: some error" % self.rc)
         return self.rc, self.out
@@ -121,7 +129,7 @@ class FakeRunner:
 def test_rsync_exit_24_is_a_warning():
     warnings = []
     runner = FakeRunner(24, ">f+++++++++ a\nNumber of regular files transferred: 1\n")
-    stats = ca.rsync_copy(runner, "/src", "/dst", [], False, False, warnings, base_dir="/b")
+    stats = ca.rsync_copy(runner, LIMITS, "/src", "/dst", [], False, warnings, base_dir="/b")
     assert stats.files_transferred == 1
     assert warnings == ["some files vanished from /src while they were copied (rsync exit 24); "
                         "the backup is otherwise complete"]
@@ -130,12 +138,41 @@ def test_rsync_exit_24_is_a_warning():
 @pytest.mark.parametrize("rc", [1, 11, 23, -9])
 def test_other_rsync_failures_fail_before_any_snapshot(rc):
     with pytest.raises(cm.CacheError, match="the copy failed, so no snapshot was taken and .backup_meta"):
-        ca.rsync_copy(FakeRunner(rc, ""), "/src", "/dst", [], False, False, [], base_dir="/b")
+        ca.rsync_copy(FakeRunner(rc, ""), LIMITS, "/src", "/dst", [], False, [], base_dir="/b")
+
+
+def test_the_copy_runs_within_its_time_limits_and_says_which_struck():
+    runner = FakeRunner(0, "")
+    ca.rsync_copy(runner, LIMITS, "/src", "/dst", [], False, [], base_dir="/b")
+    assert runner.limits == (300, 86400, ("rsync",))
+    assert "--one-file-system" not in runner.argv, "a backup crosses into nested subvolumes"
+
+    class StalledRunner(FakeRunner):
+        def run_watched(self, argv, ok_rcs=(0,), stall_timeout=0, timeout=0, watched=()):
+            raise CommandStalled("rsync read nothing for %d seconds and was stopped" % stall_timeout)
+
+    with pytest.raises(cm.CacheError, match=r"stalled: rsync read nothing for io_timeout \(300 s\).*no snapshot was "):
+        ca.rsync_copy(StalledRunner(0, ""), LIMITS, "user@client:/", "/dst", [], False, [], base_dir="/b")
+
+
+def test_a_copy_past_copy_timeout_fails_saying_so():
+    class SlowRunner(FakeRunner):
+        def run_watched(self, argv, ok_rcs=(0,), stall_timeout=0, timeout=0, watched=()):
+            raise CommandTimeout("rsync did not finish within %d seconds and was stopped" % timeout)
+
+    with pytest.raises(cm.CacheError, match=r"did not finish within copy_timeout \(86400 s\).*restore_dest holds"):
+        ca.rsync_copy(SlowRunner(0, ""), LIMITS, "/snap", "/dst", [], False, [])
+
+
+def test_a_restore_never_deletes_into_another_filesystem():
+    runner = FakeRunner(0, "")
+    ca.rsync_copy(runner, LIMITS, "/snap", "user@client:/", [], False, [])
+    assert "--one-file-system" in runner.argv
 
 
 def test_a_failed_restore_copy_says_the_snapshot_is_unchanged():
     with pytest.raises(cm.CacheError, match="the snapshot is unchanged; restore_dest holds part of it"):
-        ca.rsync_copy(FakeRunner(23, ""), "/snap", "/dst", [], False, False, [])
+        ca.rsync_copy(FakeRunner(23, ""), LIMITS, "/snap", "/dst", [], False, [])
 
 
 # --- trust: parameters, values written into files, links in the layout ---------

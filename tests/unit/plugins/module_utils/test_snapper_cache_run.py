@@ -31,6 +31,9 @@ class PlainRunner:
     def binary(self, name):
         raise CommandError("no %s" % name)
 
+    def run_watched(self, argv, ok_rcs=(0,), stall_timeout=0, timeout=0, watched=()):
+        return self.run(argv, ok_rcs)
+
     def run(self, argv, ok_rcs=(0,)):
         self.argvs.append(argv)
         if argv[0] == "findmnt":
@@ -67,18 +70,25 @@ def run(runner, wanted, check_mode, carried_out=None):
 def test_four_runs_on_a_plain_cache(lab):
     source, base = lab
     wanted = desired(base, source)
+    base.chmod(0o755)
     check = run(PlainRunner(), wanted, True)
     cache_dir = "%s/.rootfs_cache" % base
     assert check.changed and not (base / ".rootfs_cache").exists()
-    assert check.operations[0] == "create the directory %s" % cache_dir
-    assert check.operations[1].startswith("copy ") and check.operations[2] == "write %s/.backup_meta" % base
+    assert check.operations[0] == (
+        "make %s root's, mode 0700 (it is uid 0's, mode 0755), so that no other user reaches the cache's setuid "
+        "files and device nodes" % base)
+    assert (base.stat().st_mode & 0o777) == 0o755, "check mode changed base_dir's mode"
+    assert check.operations[1] == "create the directory %s" % cache_dir
+    assert check.operations[2].startswith("copy ") and check.operations[3] == "write %s/.backup_meta" % base
     assert check.warnings == ["%s is on ext4, not btrfs: the cache is a plain rsync copy with no versions" % base]
     assert check.diff == {"before": {"exists": False, "snapshots": [], "metadata": None},
                           "after": {"exists": True, "snapshots": [], "metadata": None}}
 
     applied = run(PlainRunner(), wanted, False)
-    assert [text.split(" ", 1)[0] for text in applied.operations] == ["create", "copied", "wrote"]
-    assert applied.operations[1].endswith(check.operations[1].split(" changes", 1)[1])
+    assert [text.split(" ", 1)[0] for text in applied.operations] == ["made", "create", "copied", "wrote"]
+    assert applied.operations[2].endswith(check.operations[2].split(" changes", 1)[1])
+    assert (base.stat().st_mode & 0o777) == 0o700
+    assert not (base / ".liveclone-records").exists(), "a plain cache has no snapshots to record"
     values = applied.module_result()
     assert values["exists"] and values["versioning"] == "none" and values["metadata"]["META_DISTRO"] == "Test Linux"
     assert values["transfer"]["files_transferred"] == check.values["transfer"]["files_transferred"] == 2
@@ -128,7 +138,7 @@ def test_a_failure_reports_what_was_carried_out(lab, monkeypatch):
     carried_out = []
     with pytest.raises(cm.CacheError, match="the copy failed"):
         run(PlainRunner(), desired(base, source), False, carried_out)
-    assert [str(operation).split(" ", 1)[0] for operation in carried_out] == ["create", "copied"]
+    assert [str(operation).split(" ", 1)[0] for operation in carried_out] == ["made", "create", "copied"]
 
 
 def test_restore_needs_a_snapshot(lab, tmp_path):

@@ -106,7 +106,7 @@ def test_ssh_trusts_only_the_pinned_keys_and_this_key():
 def test_rsyncs_remote_shell_quotes_what_holds_blanks():
     shell = _ssh.Remote.from_params(remote()).rsync_shell("/usr/bin/ssh", "/srv/my base/kh")
     assert "'UserKnownHostsFile=/srv/my base/kh'" in shell
-    assert shell.startswith("/usr/bin/ssh -F /dev/null -i /etc/liveclone/id ")
+    assert shell.startswith("/usr/bin/ssh -F /dev/null -o 'IdentityFile=/etc/liveclone/id' ")
 
 
 def test_a_pin_that_differs_is_refused_naming_both_fingerprints():
@@ -154,12 +154,23 @@ def test_a_pull_leaves_out_the_clients_other_filesystems():
 
 
 def test_a_restore_leaves_out_what_the_backup_left_out_anchored_at_its_path():
-    whole = restore_excludes(desired(state="restored", restore_dest="/", allow_restore_to_root=True))
+    whole = restore_excludes(desired(state="restored", restore_dest="/", allow_restore_to_root=True), None)
     assert "/home/*" in whole and "/boot/efi/*" in whole and "/.snapshots" in whole
-    var = restore_excludes(desired(state="restored", restore_dest="/var", restore_path="/var"))
+    var = restore_excludes(desired(state="restored", restore_dest="/var", restore_path="/var"), None)
     assert "/log/*" in var and "/tmp/*" in var and "/cache/apt/archives/*" in var
     assert not any(pattern.startswith("/var/") for pattern in var)
     assert "/.snapshots" not in var
+
+
+def test_a_restore_leaves_out_what_the_snapshots_record_lists_not_this_hosts_mounts():
+    """The record of the pull says /data was another filesystem of the client's; the restore
+    leaves it out whatever this host's (or the restore's) mount table says."""
+    recorded = ["/proc/*", "/data/*", "/srv/disk\\[1]/*", "/.liveclone-backup.json"]
+    whole = restore_excludes(desired(state="restored", restore_dest="/", allow_restore_to_root=True), recorded)
+    assert whole[:4] == recorded and "/.snapshots" in whole
+    assert "/home/*" not in whole, "a recorded backup's exclusions are the record's, not today's"
+    data = restore_excludes(desired(state="restored", restore_dest="/data", restore_path="/data"), recorded)
+    assert data == ["/*"]
 
 
 def test_a_file_is_restored_into_its_directory_and_a_pull_names_its_remote_shell():
