@@ -110,6 +110,23 @@ def test_restored_file_on_the_client(client):
     assert restored.mode == 0o644
 
 
+def test_restore_of_srv_left_the_other_filesystem_alone(client):
+    """restore.yml gives the module no mount table: the record of the pull, beside the
+    snapshot, says /srv/data was left out, and the restore with restore_delete_extra
+    leaves it out (it used to read the server's mount table and delete the file)."""
+    assert client.file("/srv/data/orders.db").content_string == "on another filesystem, never backed up\n"
+
+
+def test_the_clients_files_are_root_s_alone_on_the_server(server):
+    for path in ("/srv/liveclone", BASE):
+        directory = server.file(path)
+        assert (directory.user, directory.mode) == ("root", 0o700), path
+    options = server.check_output("findmnt -n -o OPTIONS /srv/liveclone").split(",")
+    assert "nosuid" in options and "nodev" in options, options
+    record = json.loads(server.file(BASE + "/.liveclone-records/1.json").content_string)
+    assert "/srv/data/*" in record["excludes"] and record["snapshot"] == "1", record
+
+
 def test_client_iso_built_on_the_server_boots(tmp_path, client, server):
     client_key = client.check_output("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
     entry = report()["lab-client"]

@@ -9,6 +9,7 @@ import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
 from ansible_collections.liveclone.core.plugins.module_utils import _cache_apply as ca
+from ansible_collections.liveclone.core.plugins.module_utils import _cache_checks as cc
 from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
 from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
@@ -209,7 +210,7 @@ BASE_PARAMS = dict(base_dir="/mnt/b", source="/", snapper_config="distroclone-ba
 ])
 def test_check_cache_params(overrides, refusal):
     values = dict(BASE_PARAMS, **overrides)
-    problem = cp.check_cache_params(values, canonical_path(values["base_dir"]))
+    problem = cc.check_cache_params(values, canonical_path(values["base_dir"]))
     if refusal is None:
         assert problem is None
     else:
