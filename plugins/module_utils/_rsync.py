@@ -93,7 +93,9 @@ def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=Fal
     if one_file_system:
         argv.append("--one-file-system")
     if rsh:
-        argv += ["-e", rsh]
+        # The remote path's escaping (literal_pattern) is for rsync's default argument handling:
+        # RSYNC_OLD_ARGS or RSYNC_PROTECT_ARGS in the environment would change it.
+        argv += ["-e", rsh, "--no-old-args", "--no-protect-args"]
     if checksum:
         argv.append("--checksum")
     if dry_run:

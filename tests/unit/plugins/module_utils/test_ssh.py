@@ -178,4 +178,5 @@ def test_a_file_is_restored_into_its_directory_and_a_pull_names_its_remote_shell
     argv = copy_argv("/snap/etc/fstab", "root@h:/etc", source_is_file=True, rsh="ssh -p 2")
     assert argv[-2:] == ["/snap/etc/fstab", "root@h:/etc/"]
     assert argv[argv.index("-e") + 1] == "ssh -p 2"
+    assert "--no-old-args" in argv and "--no-protect-args" in argv, "the environment could change the escaping"
     assert copy_argv("root@h:/", "/c")[-2:] == ["root@h:/", "/c/"]
