@@ -20,6 +20,7 @@ import errno
 import os
 import stat
 
+from ._errors import LivecloneError
 from ._fs import read_mounts
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -27,7 +28,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_LINKS = 40
 
 
-class BeneathError(Exception):
+class BeneathError(LivecloneError):
     """A path in a tree is not what the operation may act on (a link on the way, a mount point)."""
 
 

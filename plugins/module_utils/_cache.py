@@ -18,6 +18,7 @@ from ._backup_meta import parse_meta
 from ._beneath import Tree
 from ._btrfs import Btrfs, filesystem_type, is_subvolume, same_filesystem
 from ._command import CommandError
+from ._errors import LivecloneError
 from ._fs import read_mounts
 
 CACHE_NAME = ".rootfs_cache"
@@ -33,7 +34,7 @@ RECORD_LIMIT = 1 << 20
 LEGACY_NAME = re.compile(r"\A@(\d{4}-\d{2}-\d{2})_(\d{2}:\d{2})(?:_(\d+))?\Z")
 
 
-class CacheError(Exception):
+class CacheError(LivecloneError):
     """A request that cannot be carried out; the message says what to do."""
 
 

@@ -51,7 +51,7 @@ def _last_lines(text, count):
     return "\n".join(text.strip().splitlines()[-count:])
 
 
-def rsync_copy(runner, desired, source, dest, excludes, dry_run, warnings, protect=(),
+def rsync_copy(runner, desired, source, dest, excludes, warnings, *, dry_run, protect=(),
                delete_excluded=False, base_dir=None, link=None, source_is_file=False):
     """rsync source into dest (a backup into base_dir's cache when base_dir is
     given, else a restore), within desired's time limits; the dry run is
@@ -175,7 +175,7 @@ class CacheApplier:
         # rsync --delete runs into .rootfs_cache: it is checked right before.
         verify_dir(self.tree, CACHE_NAME, subvolume=state.versioning != "none")
         transfer = rsync_copy(self.runner, self.desired, self.desired.source_location, state.cache.cache_dir,
-                              state.excludes, False, self.warnings, PROTECT, True,
+                              state.excludes, self.warnings, dry_run=False, protect=PROTECT, delete_excluded=True,
                               base_dir=state.cache.base_dir, link=self.link)
         text = copy_text(transfer, self.desired.source_location, state.cache, done=True)
         if text:
@@ -368,7 +368,7 @@ class CacheApplier:
         # The snapshot is the source of a copy with --delete: checked again right before it.
         verify_dir(self.tree, state.cache.relative(snapshot.path), subvolume=True)
         transfer = rsync_copy(self.runner, desired, state.source, desired.dest_location, state.excludes,
-                              False, self.warnings, link=self.link, source_is_file=state.source_is_file)
+                              self.warnings, dry_run=False, link=self.link, source_is_file=state.source_is_file)
         self.carried_out.extend(restore_operations(snapshot, desired.dest_location, transfer, done=True,
                                                    path=desired.restore_path))
         return Outcome(state, list(self.carried_out), dataclasses.replace(state, transfer=transfer))

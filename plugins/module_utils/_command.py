@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 import time
 
+from ._errors import LivecloneError
+
 # Where Debian keeps the system tools that a non-login PATH may lack.
 SYSTEM_BIN_DIRS = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
 
@@ -23,7 +25,7 @@ TIMED_OUT = 124
 KILL_AFTER = 30
 
 
-class CommandError(Exception):
+class CommandError(LivecloneError):
     """A tool was missing or exited with a status that means failure."""
 
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, fields
 
 from ._cache_options import cache_directory
+from ._errors import LivecloneError
 from ._fs import canonical_path, check_path_text, check_real_path
 from ._text import (
     check_boot_param,
@@ -43,7 +44,7 @@ RECORDED_OPTIONS = ("label", "hostname", "live_user", "boot_params", "persistenc
                     "compression_level", "block_size", "exclude", "keep_home", "keep_users", "checksums", "secure_boot")
 
 
-class IsoError(Exception):
+class IsoError(LivecloneError):
     """A request that cannot be carried out; the message says what to do."""
 
 

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 
+from ._errors import LivecloneError
 from ._fs import read_at, write_at
 
 # For a caller whose module has no timeout parameter: longer than any run
@@ -26,7 +27,7 @@ DEFAULT_TIMEOUT = 3 * 3600
 _POLL = 0.2
 
 
-class LockError(Exception):
+class LockError(LivecloneError):
     """The lock stayed held by another run for the whole timeout."""
 
 

@@ -15,6 +15,8 @@ import re
 import struct
 from collections import namedtuple
 
+from ._errors import LivecloneError
+
 # The optional header's magic, and where its data directories start.
 _DIRECTORIES = {0x10B: 96, 0x20B: 112}
 _SECURITY_DIRECTORY = 4
@@ -26,7 +28,7 @@ _GENERATION = re.compile(r"[0-9]{1,9}")
 SbatEntry = namedtuple("SbatEntry", "generation vendor package version")
 
 
-class PeError(ValueError):
+class PeError(LivecloneError):
     """Bytes that are not a PE image this module can read."""
 
 

@@ -83,7 +83,7 @@ def parse_output(out):
     return stats
 
 
-def copy_argv(source, dest, excludes=(), protect=(), checksum=False, dry_run=False,
+def copy_argv(source, dest, *, excludes=(), protect=(), checksum=False, dry_run=False,
               delete_excluded=False, rsh=None, source_is_file=False, one_file_system=False):
     """argv copying the tree at source into dest (both directories; either
     may be USER@HOST:PATH, reached with the remote shell command rsh). With

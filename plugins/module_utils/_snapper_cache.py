@@ -173,8 +173,8 @@ class _Run:
                     state.snapper_settings = self.snapper.get_config()
                 if self.check_mode:
                     state.transfer = rsync_copy(self.runner, desired, desired.source_location, cache.cache_dir,
-                                                excludes, True, self.warnings, PROTECT, True,
-                                                base_dir=desired.base_dir, link=self.link)
+                                                excludes, self.warnings, dry_run=True, protect=PROTECT,
+                                                delete_excluded=True, base_dir=desired.base_dir, link=self.link)
                     refuse_immutable_paths(cache.cache_dir, state.transfer, cache.cache_dir)
                 return state
 
@@ -251,8 +251,7 @@ class _Run:
                 occupied = bool(desired.remote) or (info is not None and bool(os.listdir(dest)))
                 if occupied or self.check_mode:
                     state.listing = rsync_copy(self.runner, desired, source, desired.dest_location, state.excludes,
-                                               True, self.warnings, link=self.link,
-                                               source_is_file=is_file)
+                                               self.warnings, dry_run=True, link=self.link, source_is_file=is_file)
                     if occupied and not desired.remote:
                         refuse_immutable_paths(dest, state.listing, "restore_dest %s" % dest)
                     if self.check_mode:

@@ -28,6 +28,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
+from ._errors import LivecloneError
 from ._rsync import literal_pattern, remote_path_problem
 from ._text import check_plain_text, check_user_name
 
@@ -64,7 +65,7 @@ _UNREACHABLE = ("Connection refused", "Connection timed out", "No route to host"
                 "Network is unreachable", "Connection closed", "Connection reset", "timed out")
 
 
-class RemoteError(Exception):
+class RemoteError(LivecloneError):
     """A client that cannot be pulled as asked; the message says what to do."""
 
 

@@ -22,6 +22,7 @@ from fractions import Fraction
 
 from ansible.module_utils.common.text.formatters import human_to_bytes
 
+from ._errors import LivecloneError
 from ._fs import canonical_path, check_path_text, check_real_path
 from ._text import check_label
 
@@ -52,7 +53,7 @@ TEMP_INFIX = ".liveclone-tmp-"
 MOUNT_PREFIX = "liveclone-backstore-"
 
 
-class BackstoreError(Exception):
+class BackstoreError(LivecloneError):
     """A request that cannot be carried out; the message says what to do."""
 
 

@@ -239,18 +239,15 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
-    CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._errors import LivecloneError
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
-from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 from ansible_collections.liveclone.core.plugins.module_utils._store import run
 from ansible_collections.liveclone.core.plugins.module_utils._store_desired import (
     FSTYPES,
     LAYOUTS,
-    BackstoreError,
     Desired,
 )
 
@@ -273,7 +270,7 @@ def main():
     try:
         desired = Desired.from_params(module.params)
         result = run(CommandRunner(module), desired, module.check_mode, module.tmpdir)
-    except (BackstoreError, BeneathError, CommandError, LockError) as error:
+    except LivecloneError as error:
         module.fail_json(msg=str(error))
     except OSError as error:
         module.fail_json(msg=describe_os_error(error, "backstore:"))

@@ -291,16 +291,14 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._cache_options import cache_argument_spec
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
-    CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._errors import LivecloneError
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
 from ansible_collections.liveclone.core.plugins.module_utils._iso_build import run
-from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import Desired, IsoError
-from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
+from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import Desired
 
 
 def main():
@@ -337,7 +335,7 @@ def main():
     try:
         # Every value is checked before anything is read or written, in check mode too.
         result = run(CommandRunner(module), Desired.from_params(module.params), module.check_mode)
-    except (IsoError, CommandError, BeneathError, LockError) as error:
+    except LivecloneError as error:
         module.fail_json(msg=str(error))
     except OSError as error:
         module.fail_json(msg=describe_os_error(error, "live_iso:"))

@@ -414,16 +414,13 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
-from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheError
 from ansible_collections.liveclone.core.plugins.module_utils._cache_options import cache_argument_spec
 from ansible_collections.liveclone.core.plugins.module_utils._cache_plan import Desired
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
-    CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._errors import LivecloneError
 from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
-from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
 from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import run
 
 
@@ -464,7 +461,7 @@ def main():
     carried_out = []
     try:
         result = run(CommandRunner(module), Desired.from_params(module.params), module.check_mode, carried_out)
-    except (CacheError, CommandError, BeneathError, LockError) as error:
+    except LivecloneError as error:
         module.fail_json(msg=str(error), operations=[str(operation) for operation in carried_out])
     except OSError as error:
         module.fail_json(msg=describe_os_error(error), operations=[str(operation) for operation in carried_out])

@@ -68,16 +68,15 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
 from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheReader
 from ansible_collections.liveclone.core.plugins.module_utils._cache_options import (
     cache_argument_spec,
     cache_directory,
 )
 from ansible_collections.liveclone.core.plugins.module_utils._command import (
-    CommandError,
     CommandRunner,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._errors import LivecloneError
 from ansible_collections.liveclone.core.plugins.module_utils._fs import (
     canonical_path,
     check_path_text,
@@ -111,7 +110,7 @@ def main():
         module.fail_json(msg=problem)
     try:
         cache = CacheReader(runner, Snapper(runner, module.params["snapper_config"])).read(base_dir)
-    except (CommandError, BeneathError) as error:
+    except LivecloneError as error:
         module.fail_json(msg=str(error))
     except OSError as error:
         module.fail_json(msg=describe_os_error(error, "reading the cache"))

@@ -130,7 +130,7 @@ class FakeRunner:
 def test_rsync_exit_24_is_a_warning():
     warnings = []
     runner = FakeRunner(24, ">f+++++++++ a\nNumber of regular files transferred: 1\n")
-    stats = ca.rsync_copy(runner, LIMITS, "/src", "/dst", [], False, warnings, base_dir="/b")
+    stats = ca.rsync_copy(runner, LIMITS, "/src", "/dst", [], warnings, dry_run=False, base_dir="/b")
     assert stats.files_transferred == 1
     assert warnings == ["some files vanished from /src while they were copied (rsync exit 24); "
                         "the backup is otherwise complete"]
@@ -139,12 +139,12 @@ def test_rsync_exit_24_is_a_warning():
 @pytest.mark.parametrize("rc", [1, 11, 23, -9])
 def test_other_rsync_failures_fail_before_any_snapshot(rc):
     with pytest.raises(cm.CacheError, match="the copy failed, so no snapshot was taken and .backup_meta"):
-        ca.rsync_copy(FakeRunner(rc, ""), LIMITS, "/src", "/dst", [], False, [], base_dir="/b")
+        ca.rsync_copy(FakeRunner(rc, ""), LIMITS, "/src", "/dst", [], [], dry_run=False, base_dir="/b")
 
 
 def test_the_copy_runs_within_its_time_limits_and_says_which_struck():
     runner = FakeRunner(0, "")
-    ca.rsync_copy(runner, LIMITS, "/src", "/dst", [], False, [], base_dir="/b")
+    ca.rsync_copy(runner, LIMITS, "/src", "/dst", [], [], dry_run=False, base_dir="/b")
     assert runner.limits == (300, 86400, ("rsync",))
     assert "--one-file-system" not in runner.argv, "a backup crosses into nested subvolumes"
 
@@ -153,7 +153,7 @@ def test_the_copy_runs_within_its_time_limits_and_says_which_struck():
             raise CommandStalled("rsync read nothing for %d seconds and was stopped" % stall_timeout)
 
     with pytest.raises(cm.CacheError, match=r"stalled: rsync read nothing for io_timeout \(300 s\).*no snapshot was "):
-        ca.rsync_copy(StalledRunner(0, ""), LIMITS, "user@client:/", "/dst", [], False, [], base_dir="/b")
+        ca.rsync_copy(StalledRunner(0, ""), LIMITS, "user@client:/", "/dst", [], [], dry_run=False, base_dir="/b")
 
 
 def test_a_copy_past_copy_timeout_fails_saying_so():
@@ -162,18 +162,18 @@ def test_a_copy_past_copy_timeout_fails_saying_so():
             raise CommandTimeout("rsync did not finish within %d seconds and was stopped" % timeout)
 
     with pytest.raises(cm.CacheError, match=r"did not finish within copy_timeout \(86400 s\).*restore_dest holds"):
-        ca.rsync_copy(SlowRunner(0, ""), LIMITS, "/snap", "/dst", [], False, [])
+        ca.rsync_copy(SlowRunner(0, ""), LIMITS, "/snap", "/dst", [], [], dry_run=False)
 
 
 def test_a_restore_never_deletes_into_another_filesystem():
     runner = FakeRunner(0, "")
-    ca.rsync_copy(runner, LIMITS, "/snap", "user@client:/", [], False, [])
+    ca.rsync_copy(runner, LIMITS, "/snap", "user@client:/", [], [], dry_run=False)
     assert "--one-file-system" in runner.argv
 
 
 def test_a_failed_restore_copy_says_the_snapshot_is_unchanged():
     with pytest.raises(cm.CacheError, match="the snapshot is unchanged; restore_dest holds part of it"):
-        ca.rsync_copy(FakeRunner(23, ""), LIMITS, "/snap", "/dst", [], False, [])
+        ca.rsync_copy(FakeRunner(23, ""), LIMITS, "/snap", "/dst", [], [], dry_run=False)
 
 
 # --- trust: parameters, values written into files, links in the layout ---------
