@@ -155,10 +155,25 @@ class CacheApplier:
         # Of the backup being carried out: what the copy did, the source's userdata, the snapshot taken.
         self.copied = self.userdata = self.created = None
 
+    def steps(self):
+        """The step that carries out each action apply() is given (the copy and the restore are
+        backup()'s and restore()'s own)."""
+        return {
+            "remove_stale_record": self._remove_stale_record, "secure_base_dir": self._secure_base_dir,
+            "pin_host_keys": self._pin_host_keys, "remove_stale": self._remove_stale,
+            "remove_incomplete": self._remove_incomplete, "create_cache": self._create_cache,
+            "create_config": self._create_config, "set_config": self._set_config,
+            "create_snapshots_dir": self._create_snapshots_dir, "snapshot": self._snapshot,
+            "write_meta": self._write_meta, "prune": self._prune, "delete_snapshot": self._delete_snapshot,
+            "delete_config": self._delete_config, "delete_snapshots_dir": self._delete_snapshots_dir,
+            "delete_cache": self._delete_cache, "delete_file": self._delete_file,
+        }
+
     def apply(self, state, operations):
+        steps = self.steps()
         for operation in operations:
             done = Operation(operation.action, operation.args.get("done", operation.text), dict(operation.args))
-            text = getattr(self, "_" + operation.action)(state, done)
+            text = steps[operation.action](state, done)
             if text:
                 done.text = text
             self.carried_out.append(done)

@@ -104,8 +104,10 @@ class IsoApplier:
         work = None
         try:
             work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=parent)
+            steps = {"snapshot": self._snapshot, "rsync": self._rsync, "leave_out": self._leave_out,
+                     "install": self._install, "clean": self._clean, "build": self._build}
             for operation in operations[len(stale):]:
-                getattr(self, "_" + operation.action)(current, operation, work)
+                steps[operation.action](current, operation, work)
                 done += [Operation("found", text) for text in self.editor.found] + [operation]
                 del self.editor.found[:]
         finally:

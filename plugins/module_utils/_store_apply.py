@@ -94,9 +94,12 @@ class BackstoreApplier:
             if tree is None and any(op.action in CHANGES_DIRECTORY + ("extend_file",) for op in operations):
                 tree = stack.enter_context(image_directory(desired.directory))
             self.tree = tree
+            steps = {"unmount_stale": self._unmount_stale, "remove_stale": self._remove_stale, "remove": self._remove,
+                     "create": self._create, "extend_file": self._extend_file, "refresh_loop": self._refresh_loop,
+                     "grow_filesystem": self._grow_filesystem, "relabel": self._relabel}
             try:
                 for operation in operations:
-                    getattr(self, "_" + operation.action)(desired, current, operation)
+                    steps[operation.action](desired, current, operation)
             finally:
                 self.tree = None
 
