@@ -7,7 +7,7 @@ from __future__ import annotations
 
 class ModuleDocFragment:
 
-    # The options of plugins/module_utils/_cache_options.py's cache_argument_spec.
+    # The options of plugins/module_utils/_cache/options.py's cache_argument_spec.
 
     # The snapper config of a cache, for every module that names a cache.
     DOCUMENTATION = r"""

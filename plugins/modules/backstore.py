@@ -239,17 +239,17 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._command import (
-    CommandRunner,
-)
-from ansible_collections.liveclone.core.plugins.module_utils._errors import LivecloneError
-from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
-from ansible_collections.liveclone.core.plugins.module_utils._store import run
-from ansible_collections.liveclone.core.plugins.module_utils._store_desired import (
+from ansible_collections.liveclone.core.plugins.module_utils._backstore.desired import (
     FSTYPES,
     LAYOUTS,
     Desired,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._backstore.run import run
+from ansible_collections.liveclone.core.plugins.module_utils._common.command import (
+    CommandRunner,
+)
+from ansible_collections.liveclone.core.plugins.module_utils._common.errors import LivecloneError
+from ansible_collections.liveclone.core.plugins.module_utils._common.fs import describe_os_error
 
 
 def main():

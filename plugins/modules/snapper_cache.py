@@ -414,14 +414,14 @@ operations:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._cache_options import cache_argument_spec
-from ansible_collections.liveclone.core.plugins.module_utils._cache_plan import Desired
-from ansible_collections.liveclone.core.plugins.module_utils._command import (
+from ansible_collections.liveclone.core.plugins.module_utils._cache.options import cache_argument_spec
+from ansible_collections.liveclone.core.plugins.module_utils._common.command import (
     CommandRunner,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._errors import LivecloneError
-from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
-from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import run
+from ansible_collections.liveclone.core.plugins.module_utils._common.errors import LivecloneError
+from ansible_collections.liveclone.core.plugins.module_utils._common.fs import describe_os_error
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache.desired import Desired
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache.run import run
 
 
 def main():

@@ -68,22 +68,22 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheReader
-from ansible_collections.liveclone.core.plugins.module_utils._cache_options import (
+from ansible_collections.liveclone.core.plugins.module_utils._cache.layout import CacheReader
+from ansible_collections.liveclone.core.plugins.module_utils._cache.options import (
     cache_argument_spec,
     cache_directory,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._command import (
+from ansible_collections.liveclone.core.plugins.module_utils._cache.snapper import Snapper
+from ansible_collections.liveclone.core.plugins.module_utils._common.command import (
     CommandRunner,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._errors import LivecloneError
-from ansible_collections.liveclone.core.plugins.module_utils._fs import (
+from ansible_collections.liveclone.core.plugins.module_utils._common.errors import LivecloneError
+from ansible_collections.liveclone.core.plugins.module_utils._common.fs import (
     canonical_path,
     check_path_text,
     describe_os_error,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._snapper import Snapper
-from ansible_collections.liveclone.core.plugins.module_utils._text import check_snapper_name
+from ansible_collections.liveclone.core.plugins.module_utils._common.text import check_snapper_name
 
 
 def check_params(base_dir, snapper_config):

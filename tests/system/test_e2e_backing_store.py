@@ -202,7 +202,7 @@ def test_unsigned_kernel_refused_under_secure_boot(live_iso, sandbox):
     """The negative control: the same ISO, its kernel's signature taken away
     (the PE certificate table's entry zeroed, in place), under enforcing
     firmware. shim and the signed GRUB load (the menu shows); the kernel is refused."""
-    spec = importlib.util.spec_from_file_location("pe", os.path.join(REPO, "plugins/module_utils/_pe.py"))
+    spec = importlib.util.spec_from_file_location("pe", os.path.join(REPO, "plugins/module_utils/_common/pe.py"))
     pe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pe)
     work = os.path.join(sandbox, "unsigned-kernel")

@@ -8,7 +8,7 @@ import os
 
 import yaml
 
-from ansible_collections.liveclone.core.plugins.module_utils import _store_desired as bs
+from ansible_collections.liveclone.core.plugins.module_utils._backstore import desired as bs
 
 ROLES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "..", "roles")
 

@@ -54,11 +54,29 @@ def test_an_import_of_a_missing_file_fails(tmp_path):
         closure_lookup.closure(path)
 
 
+def test_subpackages_resolve_with_their_init_files(tmp_path):
+    """Relative imports between subpackages (from ..b.y import z), and a name imported from a module."""
+    module = plant(tmp_path, "from %s._a.x import f\n" % PACKAGE, {})
+    utils = tmp_path / "module_utils"
+    for package, files in {"_a": {"x": "from ..b.y import g\nfrom .z import h\n", "z": ""},
+                           "b": {"y": "from . import w\n", "w": "", "unused": ""}}.items():
+        (utils / package).mkdir()
+        (utils / package / "__init__.py").write_text("")
+        for name, text in files.items():
+            (utils / package / (name + ".py")).write_text(text)
+    found = [os.path.relpath(path, str(utils)) for path in closure_lookup.closure(module)]
+    assert found == ["_a/__init__.py", "_a/x.py", "_a/z.py", "b/__init__.py", "b/w.py", "b/y.py"]
+
+
 def test_snapper_cache_closure_is_what_it_imports():
     """The timer's copy holds what the module runs, and not the ISO builder
     or the backing store. (Its job taking a snapshot with only these files is
     checked on a VM by the backup_then_build scenario.)"""
-    files = names(closure_lookup.closure(os.path.join(PLUGINS, "modules", "snapper_cache.py")))
-    assert {"_snapper_cache.py", "_cache_plan.py", "_cache_apply.py", "_cache.py", "_snapper.py",
-            "_command.py", "_cache_options.py", "_plan.py", "_lock.py", "_btrfs.py", "_roottree.py"} <= set(files)
-    assert not [name for name in files if name.startswith(("_iso_", "_store"))]
+    utils = os.path.join(PLUGINS, "module_utils")
+    files = [os.path.relpath(path, utils)
+             for path in closure_lookup.closure(os.path.join(PLUGINS, "modules", "snapper_cache.py"))]
+    assert {"_snapper_cache/__init__.py", "_snapper_cache/run.py", "_snapper_cache/plan.py",
+            "_snapper_cache/apply.py", "_cache/layout.py", "_cache/snapper.py", "_common/command.py",
+            "_cache/options.py", "_common/plan.py", "_common/lock.py", "_common/btrfs.py",
+            "_common/roottree.py"} <= set(files)
+    assert not [name for name in files if name.startswith(("_live_iso", "_backstore"))]

@@ -10,20 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _store_apply, _store_reader
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError
-from ansible_collections.liveclone.core.plugins.module_utils._command import (
-    CommandError,
-    CommandRunner,
-)
-from ansible_collections.liveclone.core.plugins.module_utils._plan import Operation
-from ansible_collections.liveclone.core.plugins.module_utils._store import run
-from ansible_collections.liveclone.core.plugins.module_utils._store_apply import (
+from ansible_collections.liveclone.core.plugins.module_utils._backstore import apply as _store_apply
+from ansible_collections.liveclone.core.plugins.module_utils._backstore import read as _store_reader
+from ansible_collections.liveclone.core.plugins.module_utils._backstore.apply import (
     BackstoreApplier,
     layout_tree,
     xfs_protofile,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._store_desired import (
+from ansible_collections.liveclone.core.plugins.module_utils._backstore.desired import (
     MIB,
     TEMP_INFIX,
     BackstoreError,
@@ -32,8 +26,8 @@ from ansible_collections.liveclone.core.plugins.module_utils._store_desired impo
     name_inside,
     parse_size,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._store_plan import diff_view, plan
-from ansible_collections.liveclone.core.plugins.module_utils._store_reader import (
+from ansible_collections.liveclone.core.plugins.module_utils._backstore.plan import diff_view, plan
+from ansible_collections.liveclone.core.plugins.module_utils._backstore.read import (
     CAP_SYS_RESOURCE,
     BackstoreReader,
     Current,
@@ -41,6 +35,13 @@ from ansible_collections.liveclone.core.plugins.module_utils._store_reader impor
     has_capability,
     read_mount_points,
 )
+from ansible_collections.liveclone.core.plugins.module_utils._backstore.run import run
+from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import BeneathError
+from ansible_collections.liveclone.core.plugins.module_utils._common.command import (
+    CommandError,
+    CommandRunner,
+)
+from ansible_collections.liveclone.core.plugins.module_utils._common.plan import Operation
 
 GIB = 1024 * MIB
 
@@ -680,7 +681,7 @@ def test_back_file_name_strips_only_the_trailing_mark(name, expected):
 
 
 def test_reader_names_the_mount_point_of_a_read_only_directory(tmp_path, monkeypatch):
-    from ansible_collections.liveclone.core.plugins.module_utils._fs import mount_of
+    from ansible_collections.liveclone.core.plugins.module_utils._common.fs import mount_of
 
     module = FakeModule([(["/usr/sbin/findmnt"], (0, "ext4\n", ""))])
     reader = BackstoreReader(CommandRunner(module))
@@ -738,7 +739,7 @@ def test_a_missing_directory_and_a_file_in_its_place(tmp_path):
 def test_an_os_error_half_way_names_the_full_path_and_leaves_nothing(tmp_path, monkeypatch):
     """ENOSPC while the image is written (the filesystem filled meanwhile):
     the error names the path in full, and the temporary image is gone."""
-    from ansible_collections.liveclone.core.plugins.module_utils._fs import describe_os_error
+    from ansible_collections.liveclone.core.plugins.module_utils._common.fs import describe_os_error
 
     def full(handle, start, end):
         raise OSError(28, "No space left on device", ".store.img" + TEMP_INFIX + "x")

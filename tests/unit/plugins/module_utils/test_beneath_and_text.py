@@ -11,8 +11,10 @@ import stat
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _beneath, _fs, _text
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import BeneathError, Tree
+from ansible_collections.liveclone.core.plugins.module_utils._common import beneath as _beneath
+from ansible_collections.liveclone.core.plugins.module_utils._common import fs as _fs
+from ansible_collections.liveclone.core.plugins.module_utils._common import text as _text
+from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import BeneathError, Tree
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _btrfs
+from ansible_collections.liveclone.core.plugins.module_utils._common import btrfs as _btrfs
 
 SHOW = """\
 /mnt/b/.rootfs_cache/.snapshots/3/snapshot

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_options as co
+from ansible_collections.liveclone.core.plugins.module_utils._cache import options as co
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
-from ansible_collections.liveclone.core.plugins.module_utils._rsync import TransferStats
-from ansible_collections.liveclone.core.plugins.module_utils._snapper import config_settings
+from ansible_collections.liveclone.core.plugins.module_utils._cache import layout as cm
+from ansible_collections.liveclone.core.plugins.module_utils._cache.snapper import config_settings
+from ansible_collections.liveclone.core.plugins.module_utils._common.rsync import TransferStats
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import desired as desired_
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import plan as cp
 
 BASE = "/mnt/b"
 CACHE = BASE + "/.rootfs_cache"
@@ -22,7 +23,7 @@ def desired(**overrides):
                   restore_snapshot="latest", restore_dest=None, restore_delete_extra=False,
                   allow_restore_to_root=False, lock_timeout=1)
     values.update(overrides)
-    return cp.Desired.from_params(values)
+    return desired_.Desired.from_params(values)
 
 
 def snapshot(name, date, kind="snapper"):

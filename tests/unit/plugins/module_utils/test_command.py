@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _command
-from ansible_collections.liveclone.core.plugins.module_utils._command import (
+from ansible_collections.liveclone.core.plugins.module_utils._common import command as _command
+from ansible_collections.liveclone.core.plugins.module_utils._common.command import (
     CommandError,
     CommandRunner,
     CommandStalled,

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _fs
-from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
-from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import IsoError, check_params
+from ansible_collections.liveclone.core.plugins.module_utils._cache import snapper as sn
+from ansible_collections.liveclone.core.plugins.module_utils._common import fs as _fs
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso.desired import IsoError, check_params
 
 
 def test_create_file_replaces_a_symlink_and_leaves_its_target(tmp_path):

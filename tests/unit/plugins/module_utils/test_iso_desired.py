@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_desired
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import desired as _iso_desired
 
 
 def desired(monkeypatch, **params):

@@ -13,15 +13,17 @@ import subprocess
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_boot as boot
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_build as build
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_desired as desired_
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_image as image_
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_source as source_
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_state as state
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import Tree
-from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import Desired, IsoError
-from ansible_collections.liveclone.core.plugins.module_utils._iso_source import Source
+from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import apply as build
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import boot as boot
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import desired as desired_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import image as image_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import plan as plan_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import read as state
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import run as run_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import source as source_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso.desired import Desired, IsoError
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso.source import Source
 
 
 def params(**overrides):
@@ -461,12 +463,12 @@ def actions(operations):
 
 
 def test_nothing_is_planned_for_an_iso_that_is_up_to_date():
-    assert state.plan(desired(), current(up_to_date=True, manifest={"size": 1})) == []
+    assert plan_.plan(desired(), current(up_to_date=True, manifest={"size": 1})) == []
 
 
 @pytest.mark.parametrize("by_snapshot", [True, False])
 def test_either_copy_is_followed_by_the_one_image_content_policy(by_snapshot):
-    operations = state.plan(desired(dest="/srv/iso/live.iso"), current(by_snapshot=by_snapshot))
+    operations = plan_.plan(desired(dest="/srv/iso/live.iso"), current(by_snapshot=by_snapshot))
     copy = "snapshot" if by_snapshot else "rsync"
     assert actions(operations) == [copy, "leave_out", "clean", "build"]
     assert operations[0].text == ("took a writable btrfs snapshot of /srv/rootfs" if by_snapshot
@@ -478,7 +480,7 @@ def test_either_copy_is_followed_by_the_one_image_content_policy(by_snapshot):
 
 def test_the_plan_removes_leftovers_first_and_installs_what_the_source_lacks():
     work = [("/srv/iso/.liveclone-iso-work-a", "work"), ("/srv/iso/.liveclone-iso-work-b", "symlink")]
-    operations = state.plan(desired(dest="/srv/iso/live.iso", source="path"), current(
+    operations = plan_.plan(desired(dest="/srv/iso/live.iso", source="path"), current(
         stale_work=work, stale_files=["/srv/iso/.live.iso.tmp-x"], missing=["live-boot"]))
     assert actions(operations) == ["remove_work", "remove_entry", "remove_file", "snapshot", "leave_out",
                                    "install", "clean", "build"]
@@ -492,7 +494,7 @@ def test_the_plan_removes_leftovers_first_and_installs_what_the_source_lacks():
 
 def test_a_cache_build_names_the_snapshot():
     source = Source("cache", "/mnt/b/.rootfs_cache/.snapshots/3/snapshot", "3")
-    operations = state.plan(desired(dest="/srv/iso/live.iso"), current(source=source, excludes=["/.snapshots"]))
+    operations = plan_.plan(desired(dest="/srv/iso/live.iso"), current(source=source, excludes=["/.snapshots"]))
     assert operations[-1].text == "built /srv/iso/live.iso from cache 3"
 
 
@@ -501,7 +503,7 @@ def test_a_cache_build_names_the_snapshot():
 def test_the_diff_without_an_iso_is_empty_before_and_the_record_after():
     wanted = desired(dest="/srv/iso/live.iso")
     now = current()
-    diff = state.diff_view(wanted, now, state.plan(wanted, now))
+    diff = plan_.diff_view(wanted, now, plan_.plan(wanted, now))
     assert diff["before"] == {}
     assert diff["after"] == {"version": 1, "source_identity": "tree:abc", "options_digest": "d",
                              "source": now.source.view(), "uefi_chain": "unsigned GRUB (Secure Boot off)"}
@@ -513,12 +515,12 @@ def test_the_diff_shows_the_manifest_before_and_nothing_new_when_up_to_date():
     manifest = {"version": 1, "source_identity": "tree:old", "options_digest": "o", "sha256": "s", "size": 3,
                 "source": {"kind": "path"}, "squashfs": {}}
     changed = current(manifest=manifest)
-    diff = state.diff_view(wanted, changed, state.plan(wanted, changed))
+    diff = plan_.diff_view(wanted, changed, plan_.plan(wanted, changed))
     assert diff["before"] == {"version": 1, "source_identity": "tree:old", "options_digest": "o",
                               "source": {"kind": "path"}}
     assert diff["after"]["source_identity"] == "tree:abc" and diff["after"]["options_digest"] == "d"
     same = current(manifest=manifest, up_to_date=True)
-    diff = state.diff_view(wanted, same, state.plan(wanted, same))
+    diff = plan_.diff_view(wanted, same, plan_.plan(wanted, same))
     assert diff["after"] == diff["before"]
 
 
@@ -552,12 +554,12 @@ def test_check_mode_and_a_real_run_carry_the_same_plan(tmp_path, monkeypatch):
     for name in ("snapshot", "leave_out", "install", "clean", "build"):
         monkeypatch.setattr(build.IsoApplier, "_" + name, step(name))
     monkeypatch.setattr(build, "enter_private_mount_namespace", lambda runner: None)
-    monkeypatch.setattr(build, "Lock", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(run_, "Lock", lambda *args: contextlib.nullcontext())
     results = {}
     for check_mode in (True, False):
-        monkeypatch.setattr(build, "IsoReader", lambda runner, wanted_: FakeReader(first, after))
-        results[check_mode] = build.run(Recorder(), wanted, check_mode)
-    planned = [operation.text for operation in state.plan(wanted, first)]
+        monkeypatch.setattr(run_, "IsoReader", lambda runner, wanted_: FakeReader(first, after))
+        results[check_mode] = run_.run(Recorder(), wanted, check_mode)
+    planned = [operation.text for operation in plan_.plan(wanted, first)]
     assert results[True].operations == planned
     assert [text for text in results[False].operations if text != "removed user alice"] == planned
     # What a step found is listed before the step's own text.

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils._lock import Lock, LockError
+from ansible_collections.liveclone.core.plugins.module_utils._common.lock import Lock, LockError
 
 BUSY = "%(path)s is locked (%(holder)s); waited %(timeout)d s"
 

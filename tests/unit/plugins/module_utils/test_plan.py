@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils._plan import Operation, Outcome, Result, execute
+from ansible_collections.liveclone.core.plugins.module_utils._common.plan import Operation, Outcome, Result, execute
 
 
 class Counter:

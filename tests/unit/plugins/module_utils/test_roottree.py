@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _roottree as rt
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import Tree
+from ansible_collections.liveclone.core.plugins.module_utils._common import roottree as rt
+from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
 
 MOUNTINFO = """\
 22 1 254:1 / / rw - ext4 /dev/vda rw

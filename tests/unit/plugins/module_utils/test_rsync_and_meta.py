@@ -7,13 +7,13 @@ import subprocess
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils._backup_meta import (
+from ansible_collections.liveclone.core.plugins.module_utils._common.backup_meta import (
     format_meta,
     human_size,
     parse_meta,
 )
-from ansible_collections.liveclone.core.plugins.module_utils._roottree import STANDARD_EXCLUDES
-from ansible_collections.liveclone.core.plugins.module_utils._rsync import (
+from ansible_collections.liveclone.core.plugins.module_utils._common.roottree import STANDARD_EXCLUDES
+from ansible_collections.liveclone.core.plugins.module_utils._common.rsync import (
     copy_argv,
     is_excluded,
     itemized_path,

@@ -13,11 +13,12 @@ import sys
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
-from ansible_collections.liveclone.core.plugins.module_utils import _rsync, _ssh
-from ansible_collections.liveclone.core.plugins.module_utils._cache_checks import restore_excludes
-from ansible_collections.liveclone.core.plugins.module_utils._roottree import mount_excludes
-from ansible_collections.liveclone.core.plugins.module_utils._rsync import is_excluded, literal_pattern
+from ansible_collections.liveclone.core.plugins.module_utils._common import rsync as _rsync
+from ansible_collections.liveclone.core.plugins.module_utils._common import ssh as _ssh
+from ansible_collections.liveclone.core.plugins.module_utils._common.roottree import mount_excludes
+from ansible_collections.liveclone.core.plugins.module_utils._common.rsync import is_excluded, literal_pattern
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import desired as desired_
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache.read import restore_excludes
 
 RRSYNC = shutil.which("rrsync") or "/usr/bin/rrsync"
 ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL/rTe/xjg1JaAvFiWhVHFYURFwQkzkSdlUmhrGIz7ze test"
@@ -146,7 +147,7 @@ def remote_desired(**overrides):
                   restore_snapshot="latest", restore_dest="/r", restore_delete_extra=False,
                   allow_restore_to_root=False, lock_timeout=1, remote=remote)
     values.update(overrides)
-    return cp.Desired.from_params(values)
+    return desired_.Desired.from_params(values)
 
 
 def test_a_restore_re_anchors_escaped_and_wildcard_exclusions_at_its_path():

@@ -15,12 +15,12 @@ import subprocess
 import pytest
 from test_live_iso import ToolRunner, desired
 
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_boot as boot
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_image as image_
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_secure_boot as secure
-from ansible_collections.liveclone.core.plugins.module_utils import _pe as pe
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import Tree
-from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import IsoError
+from ansible_collections.liveclone.core.plugins.module_utils._common import pe as pe
+from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import boot as boot
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import image as image_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import secure_boot as secure
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso.desired import IsoError
 
 SHIM_SBAT = (b"sbat,1,SBAT Version,sbat,1,https://github.com/rhboot/shim/blob/main/SBAT.md\n"
              b"shim,4,UEFI shim,shim,1,https://github.com/rhboot/shim\n"

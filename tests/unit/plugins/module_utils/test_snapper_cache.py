@@ -7,15 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_apply as ca
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_checks as cc
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
-from ansible_collections.liveclone.core.plugins.module_utils import _snapper as sn
-from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
-from ansible_collections.liveclone.core.plugins.module_utils._command import CommandStalled, CommandTimeout
-from ansible_collections.liveclone.core.plugins.module_utils._fs import canonical_path
-from ansible_collections.liveclone.core.plugins.module_utils._lock import LockError
+from ansible_collections.liveclone.core.plugins.module_utils._cache import layout as cm
+from ansible_collections.liveclone.core.plugins.module_utils._cache import snapper as sn
+from ansible_collections.liveclone.core.plugins.module_utils._common.command import CommandStalled, CommandTimeout
+from ansible_collections.liveclone.core.plugins.module_utils._common.fs import canonical_path
+from ansible_collections.liveclone.core.plugins.module_utils._common.lock import LockError
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import apply as ca
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import desired as desired_
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import plan as cp
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import run as sc
 
 
 def snapshot(name, date, kind="snapper"):
@@ -34,7 +34,7 @@ def params(**overrides):
 
 
 def desired(**overrides):
-    return cp.Desired.from_params(params(**overrides))
+    return desired_.Desired.from_params(params(**overrides))
 
 
 SNAPSHOTS = [
@@ -119,7 +119,7 @@ class FakeRunner:
         self.rc, self.out = rc, out
 
     def run_watched(self, argv, ok_rcs=(0,), stall_timeout=0, timeout=0, watched=()):
-        from ansible_collections.liveclone.core.plugins.module_utils._command import CommandError
+        from ansible_collections.liveclone.core.plugins.module_utils._common.command import CommandError
 
         self.argv, self.limits = argv, (stall_timeout, timeout, watched)
         if self.rc not in ok_rcs:
@@ -210,7 +210,7 @@ BASE_PARAMS = dict(base_dir="/mnt/b", source="/", snapper_config="distroclone-ba
 ])
 def test_check_cache_params(overrides, refusal):
     values = dict(BASE_PARAMS, **overrides)
-    problem = cc.check_cache_params(values, canonical_path(values["base_dir"]))
+    problem = desired_.check_cache_params(values, canonical_path(values["base_dir"]))
     if refusal is None:
         assert problem is None
     else:
@@ -296,7 +296,7 @@ class PlainRunner:
     """findmnt says ext4; snapper is not installed."""
 
     def binary(self, name):
-        from ansible_collections.liveclone.core.plugins.module_utils._command import CommandError
+        from ansible_collections.liveclone.core.plugins.module_utils._common.command import CommandError
 
         raise CommandError("no %s" % name)
 

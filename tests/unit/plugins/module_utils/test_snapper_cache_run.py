@@ -11,13 +11,13 @@ import subprocess
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _cache as cm
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
-from ansible_collections.liveclone.core.plugins.module_utils import _snapper_cache as sc
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import Tree
-from ansible_collections.liveclone.core.plugins.module_utils._cache_apply import CacheApplier
-from ansible_collections.liveclone.core.plugins.module_utils._command import CommandError
-from ansible_collections.liveclone.core.plugins.module_utils._plan import Operation
+from ansible_collections.liveclone.core.plugins.module_utils._cache import layout as cm
+from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
+from ansible_collections.liveclone.core.plugins.module_utils._common.command import CommandError
+from ansible_collections.liveclone.core.plugins.module_utils._common.plan import Operation
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import desired as desired_
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import run as sc
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache.apply import CacheApplier
 
 pytestmark = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
 
@@ -50,7 +50,7 @@ def desired(base, source, **overrides):
                   checksum=False, restore_snapshot="latest", restore_dest=None, restore_delete_extra=False,
                   allow_restore_to_root=False, lock_timeout=1)
     values.update(overrides)
-    return cp.Desired.from_params(values)
+    return desired_.Desired.from_params(values)
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from ansible_collections.liveclone.core.plugins.module_utils import _cache_plan as cp
-from ansible_collections.liveclone.core.plugins.module_utils import _ssh
-from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheError
-from ansible_collections.liveclone.core.plugins.module_utils._cache_checks import restore_excludes
+from ansible_collections.liveclone.core.plugins.module_utils._cache.layout import CacheError
+from ansible_collections.liveclone.core.plugins.module_utils._common import ssh as _ssh
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache import desired as desired_
+from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache.read import restore_excludes
 
 # A real key and the fingerprint ssh-keygen -lf gives for it.
 ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIL/rTe/xjg1JaAvFiWhVHFYURFwQkzkSdlUmhrGIz7ze test"
@@ -37,7 +37,7 @@ def desired(**overrides):
                   restore_snapshot="latest", restore_dest=None, restore_delete_extra=False,
                   allow_restore_to_root=False, lock_timeout=1, remote=remote())
     values.update(overrides)
-    return cp.Desired.from_params(values)
+    return desired_.Desired.from_params(values)
 
 
 def test_fingerprints_are_the_ones_ssh_keygen_prints():
@@ -148,7 +148,7 @@ def test_a_key_that_may_push_is_refused():
 
 
 def test_a_pull_leaves_out_the_clients_other_filesystems():
-    from ansible_collections.liveclone.core.plugins.module_utils._cache_checks import backup_excludes
+    from ansible_collections.liveclone.core.plugins.module_utils._snapper_cache.read import backup_excludes
     excludes = backup_excludes(desired())
     assert "/boot/efi/*" in excludes and "/proc/*" in excludes
 
@@ -174,7 +174,7 @@ def test_a_restore_leaves_out_what_the_snapshots_record_lists_not_this_hosts_mou
 
 
 def test_a_file_is_restored_into_its_directory_and_a_pull_names_its_remote_shell():
-    from ansible_collections.liveclone.core.plugins.module_utils._rsync import copy_argv
+    from ansible_collections.liveclone.core.plugins.module_utils._common.rsync import copy_argv
     argv = copy_argv("/snap/etc/fstab", "root@h:/etc", source_is_file=True, rsh="ssh -p 2")
     assert argv[-2:] == ["/snap/etc/fstab", "root@h:/etc/"]
     assert argv[argv.index("-e") + 1] == "ssh -p 2"

@@ -13,8 +13,8 @@ import subprocess
 import pytest
 from test_ssh import desired, remote
 
-from ansible_collections.liveclone.core.plugins.module_utils import _ssh
-from ansible_collections.liveclone.core.plugins.module_utils._cache import CacheError
+from ansible_collections.liveclone.core.plugins.module_utils._cache.layout import CacheError
+from ansible_collections.liveclone.core.plugins.module_utils._common import ssh as _ssh
 
 
 def options(argv):

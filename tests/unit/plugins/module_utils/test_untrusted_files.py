@@ -18,13 +18,13 @@ import pytest
 from test_live_iso import Recorder, desired
 from test_secure_boot import SHIM_SBAT, make_pe, make_tree
 
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_image as image_
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_secure_boot as secure
-from ansible_collections.liveclone.core.plugins.module_utils import _iso_source as source_
-from ansible_collections.liveclone.core.plugins.module_utils import _pe as pe
-from ansible_collections.liveclone.core.plugins.module_utils import _roottree as rt
-from ansible_collections.liveclone.core.plugins.module_utils._beneath import Tree
-from ansible_collections.liveclone.core.plugins.module_utils._iso_desired import IsoError
+from ansible_collections.liveclone.core.plugins.module_utils._common import pe as pe
+from ansible_collections.liveclone.core.plugins.module_utils._common import roottree as rt
+from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import image as image_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import secure_boot as secure
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import source as source_
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso.desired import IsoError
 
 # 68 bytes: an MZ header pointing at a PE signature, and nothing after it.
 TRUNCATED_PE = b"MZ" + b"\0" * 0x3A + struct.pack("<I", 0x40) + b"PE\0\0"

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 
-from ._command import CommandError
-from ._plan import Result, execute
-from ._store_apply import BackstoreApplier
-from ._store_desired import BackstoreError
-from ._store_plan import LEFTOVER_ACTIONS, diff_view, plan
-from ._store_reader import BackstoreReader, Current, image_directory
+from .._common.command import CommandError
+from .._common.plan import Result, execute
+from .apply import BackstoreApplier
+from .desired import BackstoreError
+from .plan import LEFTOVER_ACTIONS, diff_view, plan
+from .read import BackstoreReader, Current, image_directory
 
 
 def describe(desired, current):

@@ -14,12 +14,12 @@ import re
 import stat
 from dataclasses import asdict, dataclass, field
 
-from ._backup_meta import parse_meta
-from ._beneath import Tree
-from ._btrfs import Btrfs, filesystem_type, is_subvolume, same_filesystem
-from ._command import CommandError
-from ._errors import LivecloneError
-from ._fs import read_mounts
+from .._common.backup_meta import parse_meta
+from .._common.beneath import Tree
+from .._common.btrfs import Btrfs, filesystem_type, is_subvolume, same_filesystem
+from .._common.command import CommandError
+from .._common.errors import LivecloneError
+from .._common.fs import read_mounts
 
 CACHE_NAME = ".rootfs_cache"
 SNAPSHOTS_NAME = ".snapshots"

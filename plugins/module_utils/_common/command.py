@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 
-from ._errors import LivecloneError
+from .errors import LivecloneError
 
 # Where Debian keeps the system tools that a non-login PATH may lack.
 SYSTEM_BIN_DIRS = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]

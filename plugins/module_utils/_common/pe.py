@@ -15,7 +15,7 @@ import re
 import struct
 from collections import namedtuple
 
-from ._errors import LivecloneError
+from .errors import LivecloneError
 
 # The optional header's magic, and where its data directories start.
 _DIRECTORIES = {0x10B: 96, 0x20B: 112}

@@ -16,11 +16,11 @@ import re
 import stat
 import tempfile
 
-from ._beneath import BeneathError, Tree
-from ._command import CommandError
-from ._store_desired import ARCHISO_ARCH, EXT_FSTYPES, MIB, MOUNT_PREFIX, TEMP_INFIX, BackstoreError, name_inside
-from ._store_plan import CHANGES_DIRECTORY
-from ._store_reader import image_directory
+from .._common.beneath import BeneathError, Tree
+from .._common.command import CommandError
+from .desired import ARCHISO_ARCH, EXT_FSTYPES, MIB, MOUNT_PREFIX, TEMP_INFIX, BackstoreError, name_inside
+from .plan import CHANGES_DIRECTORY
+from .read import image_directory
 
 ZERO_CHUNK = 4 * MIB
 

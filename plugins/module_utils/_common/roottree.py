@@ -13,9 +13,9 @@ import os
 import re
 import stat
 
-from ._beneath import BeneathError, Tree
-from ._fs import MOUNTINFO, is_within, read_mounts
-from ._rsync import literal_pattern
+from .beneath import BeneathError, Tree
+from .fs import MOUNTINFO, is_within, read_mounts
+from .rsync import literal_pattern
 
 STANDARD_EXCLUDES = [
     "/dev/*", "/proc/*", "/sys/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*", "/lost+found",

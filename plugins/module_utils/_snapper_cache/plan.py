@@ -2,7 +2,7 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 # Private to the liveclone.core collection: not a public API.
 
-"""What snapper_cache is asked for (Desired) and its pure planners.
+"""snapper_cache's pure planners, and the states they read.
 
 Each state has a planner from (Desired, the state read) to a list of
 _plan.Operation; nothing here reads or changes the system. A backup's and a
@@ -17,122 +17,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ._cache import HOLDER_NAME, META_NAME, PENDING_NAME, RECORDS_NAME, Cache, CacheError
-from ._cache_checks import TIME_LIMITS, check_cache_params
-from ._cache_options import cache_directory
-from ._fs import canonical_path, is_within, parse_mounts
-from ._plan import Operation
-from ._rsync import TransferStats
-from ._snapper import config_settings
-from ._ssh import KNOWN_HOSTS_NAME, Remote, RemoteError, fingerprints
+from .._cache.layout import HOLDER_NAME, META_NAME, PENDING_NAME, RECORDS_NAME, Cache, CacheError
+from .._cache.snapper import config_settings
+from .._common.plan import Operation
+from .._common.rsync import TransferStats
+from .._common.ssh import KNOWN_HOSTS_NAME, fingerprints
 
 # base_dir's mode: the cache's setuid files and device nodes are root's alone.
 BASE_MODE = 0o700
-
-@dataclass(frozen=True)
-class Desired:
-    """The module's parameters, checked, with every path in canonical form."""
-
-    state: str
-    base_dir: str
-    source: str
-    snapper_config: str
-    versioning: str
-    keep: int
-    exclude: tuple
-    include_home: bool
-    snapshot: str
-    checksum: bool
-    restore_snapshot: str
-    restore_path: str
-    restore_dest: str | None
-    restore_delete_extra: bool
-    allow_restore_to_root: bool
-    lock_timeout: int
-    io_timeout: int = 0
-    copy_timeout: int = 0
-    # The client a backup server pulls from (source is a path there) or restores into (restore_dest is).
-    remote: Remote | None = None
-
-    @property
-    def source_location(self):
-        """The source as rsync names it: a path here, or USER@HOST:PATH on the client."""
-        return self.remote.location(self.source) if self.remote else self.source
-
-    @property
-    def dest_location(self):
-        return self.remote.location(self.restore_dest) if self.remote else self.restore_dest
-
-    def remote_mounts(self):
-        """The client's mount table, as the controller gathered it."""
-        return parse_mounts(self.remote.mountinfo)
-
-    @classmethod
-    def from_params(cls, params):
-        # Canonical before any rule: `//` is `/`, trailing slashes and `/./` go.
-        base_dir = canonical_path(cache_directory(params["base_dir"]))
-        problem = check_cache_params(params, base_dir)
-        if problem:
-            raise CacheError(problem)
-        if params["keep"] < 1:
-            raise CacheError("keep is %d; retention keeps at least 1 snapshot, so set keep: 1 or "
-                             "more (or versioning: none for no versions)" % params["keep"])
-        for name, least, what in TIME_LIMITS:
-            if (params.get(name) or 0) < least:
-                raise CacheError("%s is %d; set %s to %d or more (%s)" % (name, params[name], name, least, what))
-        desired = cls(
-            state=params.get("state") or "present", base_dir=base_dir,
-            source=canonical_path(params.get("source") or "/"), snapper_config=params["snapper_config"],
-            versioning=params.get("versioning") or "auto", keep=params["keep"],
-            exclude=tuple(params.get("exclude") or ()), include_home=bool(params.get("include_home")),
-            snapshot=params.get("snapshot") or "on_change", checksum=bool(params.get("checksum")),
-            restore_snapshot=params.get("restore_snapshot") or "latest",
-            restore_path=canonical_path(params.get("restore_path") or "/"),
-            restore_dest=canonical_path(params.get("restore_dest")),
-            restore_delete_extra=bool(params.get("restore_delete_extra")),
-            allow_restore_to_root=bool(params.get("allow_restore_to_root")),
-            lock_timeout=params["lock_timeout"], io_timeout=params.get("io_timeout") or 0,
-            copy_timeout=params.get("copy_timeout") or 0, remote=_remote(params))
-        if not desired.source.startswith("/") or not desired.restore_path.startswith("/"):
-            raise CacheError("source and restore_path are absolute paths (%s, %s); give them starting with /"
-                             % (desired.source, desired.restore_path))
-        if desired.remote and desired.state == "present":
-            _check_remote_source(desired)
-        if desired.state == "restored":
-            dest = desired.restore_dest
-            if not dest or not os.path.isabs(dest):
-                raise CacheError("state restored needs restore_dest, an absolute path to copy the snapshot into")
-            if dest == "/" and not desired.allow_restore_to_root:
-                raise CacheError("restoring over / replaces the running system; set allow_restore_to_root: "
-                                 "true if that is really meant")
-        return desired
-
-
-def _remote(params):
-    """The client of a pull or a restore, checked, or None for a local one."""
-    if not params.get("remote"):
-        return None
-    try:
-        return Remote.from_params(params["remote"])
-    except RemoteError as error:
-        raise CacheError(str(error)) from None
-
-
-def _check_remote_source(desired):
-    """A pull needs the client's mount table: it decides which filesystems are left out."""
-    if not desired.remote.mountinfo:
-        raise CacheError("a pull from %s needs remote.mountinfo, the text of the client's /proc/self/mountinfo "
-                         "(rsync cannot read /proc; the backup_server role gathers it with slurp)"
-                         % desired.remote.host)
-    try:
-        mounts = desired.remote_mounts()
-    except ValueError as error:
-        raise CacheError("remote.mountinfo is not a mount table: %s; give the text of the client's "
-                         "/proc/self/mountinfo" % error) from None
-    if not any(is_within(desired.source, mount.point) for mount in mounts):
-        raise CacheError("remote.mountinfo has no mount holding source %s; give the client's own "
-                         "/proc/self/mountinfo" % desired.source)
-
 
 # --- the state each planner reads --------------------------------------------
 

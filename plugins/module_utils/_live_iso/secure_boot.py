@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._iso_desired import IsoError
-from ._iso_source import file_in_tree, installed_packages, kernels, read_bounded
-from ._pe import PeError, is_signed, sbat_entries, sbat_levels, sbat_violations
+from .._common.pe import PeError, is_signed, sbat_entries, sbat_levels, sbat_violations
+from .desired import IsoError
+from .source import file_in_tree, installed_packages, kernels, read_bounded
 
 # Where the Debian family's packages put each piece (the first found is used).
 SHIM_PATHS = ("usr/lib/shim/shimx64.efi.signed",)

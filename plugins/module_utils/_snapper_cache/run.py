@@ -28,8 +28,7 @@ import contextlib
 import os
 import stat
 
-from ._beneath import BeneathError, Tree
-from ._cache import (
+from .._cache.layout import (
     CACHE_NAME,
     HOLDER_NAME,
     META_NAME,
@@ -42,8 +41,26 @@ from ._cache import (
     parse_backup_record,
     record_path,
 )
-from ._cache_apply import PROTECT, CacheApplier, rsync_copy, verify_dir
-from ._cache_checks import (
+from .._cache.snapper import Snapper
+from .._common.beneath import BeneathError, Tree
+from .._common.fs import UNCHANGEABLE_FLAGS, check_real_path, inode_flags, is_within
+from .._common.plan import Outcome, Result, execute
+from .._common.ssh import KNOWN_HOSTS_NAME, Link, RemoteError, check_pinned, fingerprints, parse_known_hosts
+from .apply import PROTECT, CacheApplier, rsync_copy, verify_dir
+from .plan import (
+    BackupState,
+    RemoveState,
+    RestoreState,
+    cache_values,
+    choose_versioning,
+    diff_view,
+    pick_snapshot,
+    plan_backup,
+    plan_remove,
+    plan_restore,
+    planned_view,
+)
+from .read import (
     backup_excludes,
     base_access,
     cache_lock,
@@ -59,23 +76,6 @@ from ._cache_checks import (
     stale_records,
     unsafe_mount_warnings,
 )
-from ._cache_plan import (
-    BackupState,
-    RemoveState,
-    RestoreState,
-    cache_values,
-    choose_versioning,
-    diff_view,
-    pick_snapshot,
-    plan_backup,
-    plan_remove,
-    plan_restore,
-    planned_view,
-)
-from ._fs import UNCHANGEABLE_FLAGS, check_real_path, inode_flags, is_within
-from ._plan import Outcome, Result, execute
-from ._snapper import Snapper
-from ._ssh import KNOWN_HOSTS_NAME, Link, RemoteError, check_pinned, fingerprints, parse_known_hosts
 
 # --- the entry point -----------------------------------------------------------
 

@@ -10,9 +10,9 @@ import contextlib
 import json
 import re
 
-from ._cache import CacheError
-from ._fs import describe_os_error
-from ._lock import Lock
+from .._common.fs import describe_os_error
+from .._common.lock import Lock
+from .layout import CacheError
 
 # snapper create-config and delete-config rewrite SNAPPER_CONFIGS in
 # /etc/default/snapper without a lock of their own: two at once on one host

@@ -17,14 +17,14 @@ import stat
 
 from ansible.module_utils.common.text.formatters import bytes_to_human
 
-from ._beneath import Tree
-from ._btrfs import Btrfs, filesystem_type, filesystem_uuid, is_subvolume
-from ._cache import SNAPSHOTS_NAME, CacheReader
-from ._fs import canonical_path, is_within, symlink_on
-from ._iso_desired import IsoError
-from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes, tree_os_release
-from ._rsync import is_excluded, literal_pattern
-from ._snapper import Snapper
+from .._cache.layout import SNAPSHOTS_NAME, CacheReader
+from .._cache.snapper import Snapper
+from .._common.beneath import Tree
+from .._common.btrfs import Btrfs, filesystem_type, filesystem_uuid, is_subvolume
+from .._common.fs import canonical_path, is_within, symlink_on
+from .._common.roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes, tree_os_release
+from .._common.rsync import is_excluded, literal_pattern
+from .desired import IsoError
 
 LIVE_PACKAGES = ("live-boot", "live-config", "live-config-systemd")
 CALAMARES_PACKAGES = ("calamares", "calamares-settings-debian")

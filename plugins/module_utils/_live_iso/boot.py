@@ -18,13 +18,13 @@ import shutil
 import stat
 import time
 
-from ._beneath import Tree
-from ._command import CommandError
-from ._fs import free_space, symlink_on
-from ._iso_desired import IsoError
-from ._iso_secure_boot import describe as describe_chain
-from ._iso_secure_boot import find_chain, inspect
-from ._iso_source import kernels
+from .._common.beneath import Tree
+from .._common.command import CommandError
+from .._common.fs import free_space, symlink_on
+from .desired import IsoError
+from .secure_boot import describe as describe_chain
+from .secure_boot import find_chain, inspect
+from .source import kernels
 
 MIB = 1024 * 1024
 # What grub-mkrescue adds to the files of the ISO tree: its BIOS and EFI images.

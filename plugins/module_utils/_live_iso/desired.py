@@ -11,10 +11,10 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from ._cache_options import cache_directory
-from ._errors import LivecloneError
-from ._fs import canonical_path, check_path_text, check_real_path
-from ._text import (
+from .._cache.options import cache_directory
+from .._common.errors import LivecloneError
+from .._common.fs import canonical_path, check_path_text, check_real_path
+from .._common.text import (
     check_boot_param,
     check_host_name,
     check_label,

@@ -28,29 +28,18 @@ import shutil
 import tempfile
 import time
 
-from ._beneath import Tree
-from ._btrfs import Btrfs, is_subvolume
-from ._command import CommandError
-from ._fs import is_within, read_mounts, write_atomically
-from ._iso_boot import BootMaker
-from ._iso_desired import WORK_PREFIX, IsoError
-from ._iso_image import ImageEditor, remove_excluded
-from ._iso_state import (
-    MANIFEST_VERSION,
-    STALE_ACTIONS,
-    IsoReader,
-    diff_view,
-    hash_file,
-    plan,
-    sha256_of,
-    uefi_chain,
-)
-from ._lock import DEFAULT_TIMEOUT, Lock
-from ._plan import Operation, Result, execute
-from ._rsync import RSYNC_VANISHED, copy_argv
+from .._common.beneath import Tree
+from .._common.btrfs import Btrfs, is_subvolume
+from .._common.command import CommandError
+from .._common.fs import is_within, read_mounts, write_atomically
+from .._common.plan import Operation
+from .._common.rsync import RSYNC_VANISHED, copy_argv
+from .boot import BootMaker
+from .desired import WORK_PREFIX, IsoError
+from .image import ImageEditor, remove_excluded
+from .plan import uefi_chain
+from .read import MANIFEST_VERSION, STALE_ACTIONS, hash_file, sha256_of
 
-DEST_BUSY = ("%(path)s is locked by another build of an ISO there; waited %(timeout)d s. Try again when it has "
-             "finished")
 CLONE_NEWNS = 0x00020000
 
 
@@ -220,25 +209,3 @@ class IsoApplier:
                 write_atomically(path, "%s  %s\n" % (wanted[algorithm], os.path.basename(dest)))
             elif os.path.exists(path):
                 os.unlink(path)
-
-
-def describe(desired, current, stages):
-    """The values returned to the user."""
-    values = {"path": desired.dest, "label": desired.label, "source": current.source.view(), "stages": stages}
-    manifest = current.manifest if current.up_to_date else None
-    if manifest:
-        values.update(size=manifest["size"], sha256=manifest["sha256"], squashfs=manifest["squashfs"],
-                      secure_boot=manifest.get("secure_boot", {"enabled": False}))
-    return values
-
-
-def run(runner, desired, check_mode):
-    """Read, plan and (unless check_mode) apply; returns a _plan.Result."""
-    reader = IsoReader(runner, desired)
-    applier = IsoApplier(runner, desired)
-    # One build at a time per directory of ISOs.
-    with Lock(desired.dest_dir, DEFAULT_TIMEOUT, DEST_BUSY):
-        outcome = execute(reader.read, lambda current: plan(desired, current), applier.apply, check_mode)
-    return Result.of(outcome, diff=diff_view(desired, outcome.before, outcome.operations),
-                     values=describe(desired, outcome.after, applier.stages),
-                     warnings=reader.warnings + applier.warnings)

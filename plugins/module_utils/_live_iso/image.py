@@ -13,10 +13,10 @@ import hashlib
 import re
 import stat
 
-from ._beneath import BeneathError, relative_parts
-from ._iso_desired import IsoError
-from ._iso_source import file_in_tree, read_bounded
-from ._rsync import is_excluded
+from .._common.beneath import BeneathError, relative_parts
+from .._common.rsync import is_excluded
+from .desired import IsoError
+from .source import file_in_tree, read_bounded
 
 LIVE_GROUPS = ("sudo", "audio", "video", "cdrom", "plugdev", "netdev")
 FIRST_USER_UID = 1000

@@ -22,9 +22,9 @@ from fractions import Fraction
 
 from ansible.module_utils.common.text.formatters import human_to_bytes
 
-from ._errors import LivecloneError
-from ._fs import canonical_path, check_path_text, check_real_path
-from ._text import check_label
+from .._common.errors import LivecloneError
+from .._common.fs import canonical_path, check_path_text, check_real_path
+from .._common.text import check_label
 
 MIB = 1024 * 1024
 

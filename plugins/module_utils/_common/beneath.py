@@ -20,8 +20,8 @@ import errno
 import os
 import stat
 
-from ._errors import LivecloneError
-from ._fs import read_mounts
+from .errors import LivecloneError
+from .fs import read_mounts
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # As many links as the kernel follows in one path (MAXSYMLINKS).

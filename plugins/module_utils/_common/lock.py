@@ -18,8 +18,8 @@ import os
 import socket
 import time
 
-from ._errors import LivecloneError
-from ._fs import read_at, write_at
+from .errors import LivecloneError
+from .fs import read_at, write_at
 
 # For a caller whose module has no timeout parameter: longer than any run
 # the collection makes (a live ISO of a large host included), short of forever.

@@ -7,7 +7,7 @@ Their documentation is the doc fragment liveclone.core._cache."""
 
 from __future__ import annotations
 
-from ._roottree import default_base_dir
+from .._common.roottree import default_base_dir
 
 
 def cache_argument_spec(directory="base_dir"):

@@ -28,9 +28,9 @@ import struct
 import tempfile
 from dataclasses import dataclass
 
-from ._errors import LivecloneError
-from ._rsync import literal_pattern, remote_path_problem
-from ._text import check_plain_text, check_user_name
+from .errors import LivecloneError
+from .rsync import literal_pattern, remote_path_problem
+from .text import check_plain_text, check_user_name
 
 # The name every pinned key is filed under (ssh's HostKeyAlias): the pin
 # belongs to the client's cache, not to an address that may move.

@@ -8,11 +8,9 @@ before anything changes, and what a backup or a restore leaves out."""
 from __future__ import annotations
 
 import os
-import re
 import stat
 
-from ._beneath import BeneathError, Tree, relative_parts
-from ._cache import (
+from .._cache.layout import (
     CACHE_NAME,
     HOLDER_NAME,
     META_NAME,
@@ -22,9 +20,9 @@ from ._cache import (
     CacheError,
     record_path,
 )
-from ._fs import (
+from .._common.beneath import BeneathError, Tree, relative_parts
+from .._common.fs import (
     UNCHANGEABLE_FLAGS,
-    check_path_text,
     check_real_path,
     commit_filesystem,
     flags_at,
@@ -33,11 +31,10 @@ from ._fs import (
     is_within,
     read_mounts,
 )
-from ._lock import Lock
-from ._roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes
-from ._rsync import is_excluded, itemized_path, literal_pattern, pattern_beneath, remote_path_problem
-from ._ssh import KNOWN_HOSTS_NAME
-from ._text import check_plain_text, check_snapper_name
+from .._common.lock import Lock
+from .._common.roottree import HOME_EXCLUDES, STANDARD_EXCLUDES, mount_excludes
+from .._common.rsync import is_excluded, itemized_path, literal_pattern, pattern_beneath
+from .._common.ssh import KNOWN_HOSTS_NAME
 
 CACHE_BUSY = ("%(path)s is locked by another run (%(holder)s); waited %(timeout)d s. Try again when it has "
               "finished, or raise lock_timeout")
@@ -45,63 +42,6 @@ CACHE_BUSY = ("%(path)s is locked by another run (%(holder)s); waited %(timeout)
 # Below this, a base_dir is full before the copy starts.
 MIN_FREE_BYTES = 1 << 20
 MIN_FREE_INODES = 16
-
-# What restore_snapshot may name: latest, a snapper number, a legacy snapshot.
-RESTORE_SNAPSHOT = re.compile(r"latest|[0-9]{1,9}|@\d{4}-\d{2}-\d{2}_\d{2}:\d{2}(?:_\d{1,9})?")
-
-# base_dir goes into snapper's config as SUBVOLUME="...": what double quotes do not hold as text.
-SNAPPER_QUOTED = re.compile(r'["\\$`]')
-# An --exclude argument rsync reads as a rule, not a pattern: "!" clears every
-# exclusion (the standard ones too), "+ " and "- " prefixes make includes.
-RSYNC_RULE = re.compile(r"!|[+-] .*", re.S)
-
-
-def check_cache_params(params, base_dir):
-    """The refusal of the parameters every state shares, or None: text that
-    would break the files and argv they go into, and numbers out of range."""
-    for name in ("base_dir", "source", "restore_dest", "restore_path"):
-        problem = check_path_text(name, params.get(name))
-        if problem:
-            return problem
-    # On a client, source and restore_dest go through rrsync, which splits its command at any whitespace.
-    for name in ("source", "restore_dest") if params.get("remote") else ():
-        problem = params.get(name) and remote_path_problem(params[name])
-        if problem:
-            return "%s: %s" % (name, problem)
-    if SNAPPER_QUOTED.search(base_dir):
-        return ("base_dir %r holds one of \" \\ $ `, which snapper's config (SUBVOLUME=\"...\") cannot hold "
-                "as text; choose a path without them" % base_dir)
-    problem = check_snapper_name("snapper_config", params["snapper_config"])
-    if problem:
-        return problem
-    for pattern in params.get("exclude") or []:
-        problem = check_plain_text("exclude item %r" % pattern, pattern)
-        if problem:
-            return problem
-        if RSYNC_RULE.fullmatch(pattern):
-            return ("exclude item %r is read by rsync as a filter rule, not a pattern ('!' clears every "
-                    "exclusion, '+ ' and '- ' start rules); give a path pattern such as /srv/scratch/*" % pattern)
-    wanted = params.get("restore_snapshot")
-    if wanted is not None and not (isinstance(wanted, str) and RESTORE_SNAPSHOT.fullmatch(wanted)):
-        return ("restore_snapshot %r is not a snapshot name; give latest, a snapper number such as 3, or a "
-                "legacy name such as @2026-06-17_14:30" % (wanted,))
-    for name, least, what in TIME_LIMITS + (("keep", 1, "how many snapshots retention keeps"),):
-        value = params.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            return "%s is %s, a boolean; set %s to a number, %d or more (%s)" % (
-                name, str(value).lower(), name, least, what)
-    return None
-
-
-# The time limits: (parameter, least value, what it is), each 0 or more (0: none).
-TIME_LIMITS = (
-    ("lock_timeout", 0, "the seconds to wait for another run on the same base_dir"),
-    ("io_timeout", 0, "the seconds a copy may go with rsync reading nothing, 0 for no limit"),
-    ("copy_timeout", 0, "the seconds a copy may take in all, 0 for no limit"),
-)
-
 
 def cache_lock(base_dir, timeout):
     """Serialises runs on one base directory (flock on the directory itself).

@@ -17,11 +17,11 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-from ._beneath import Tree
-from ._btrfs import filesystem_type
-from ._fs import MOUNTINFO, flag_names, free_space, inode_flags, mount_of, read_mounts
-from ._lock import DEFAULT_TIMEOUT, Lock
-from ._store_desired import EXT_FSTYPES, FSTYPES, MOUNT_PREFIX, TEMP_INFIX, BackstoreError
+from .._common.beneath import Tree
+from .._common.btrfs import filesystem_type
+from .._common.fs import MOUNTINFO, flag_names, free_space, inode_flags, mount_of, read_mounts
+from .._common.lock import DEFAULT_TIMEOUT, Lock
+from .desired import EXT_FSTYPES, FSTYPES, MOUNT_PREFIX, TEMP_INFIX, BackstoreError
 
 DIRECTORY_BUSY = ("%(path)s is locked by another run of backstore on an image there; waited %(timeout)d s. "
                   "Try again when it has finished")

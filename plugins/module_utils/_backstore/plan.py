@@ -9,8 +9,8 @@ is done. `diff_view` shows a plan as before/after.
 
 from __future__ import annotations
 
-from ._plan import Operation
-from ._store_desired import (
+from .._common.plan import Operation
+from .desired import (
     EXT_FSTYPES,
     FAT_FSTYPES,
     FAT_MAX_FILE_SIZE,

@@ -20,9 +20,7 @@ import os
 import platform
 import time
 
-from ._backup_meta import format_meta, human_size
-from ._btrfs import Btrfs, destroy_subvolume, is_subvolume
-from ._cache import (
+from .._cache.layout import (
     CACHE_NAME,
     META_NAME,
     PENDING_NAME,
@@ -33,14 +31,16 @@ from ._cache import (
     backup_record,
     record_path,
 )
-from ._cache_plan import BASE_MODE, copy_text, plan_prune, plan_versions, restore_operations
-from ._command import CommandError, CommandStalled, CommandTimeout
-from ._fs import read_mounts, write_at
-from ._plan import Operation, Outcome
-from ._roottree import source_kernels, source_os_release
-from ._rsync import RSYNC_VANISHED, copy_argv, parse_output
-from ._snapper import SNAPSHOT_DESCRIPTION, config_settings, userdata_value
-from ._ssh import KNOWN_HOSTS_NAME
+from .._cache.snapper import SNAPSHOT_DESCRIPTION, config_settings, userdata_value
+from .._common.backup_meta import format_meta, human_size
+from .._common.btrfs import Btrfs, destroy_subvolume, is_subvolume
+from .._common.command import CommandError, CommandStalled, CommandTimeout
+from .._common.fs import read_mounts, write_at
+from .._common.plan import Operation, Outcome
+from .._common.roottree import source_kernels, source_os_release
+from .._common.rsync import RSYNC_VANISHED, copy_argv, parse_output
+from .._common.ssh import KNOWN_HOSTS_NAME
+from .plan import BASE_MODE, copy_text, plan_prune, plan_versions, restore_operations
 
 SNAPSHOTS = os.path.join(CACHE_NAME, SNAPSHOTS_NAME)
 # The cache's own .snapshots is never copied over, nor deleted by rsync --delete.
