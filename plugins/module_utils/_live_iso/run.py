@@ -16,6 +16,7 @@ from .read import IsoReader
 DEST_BUSY = ("%(path)s is locked by another build of an ISO there; waited %(timeout)d s. Try again when it has "
              "finished")
 
+
 def describe(desired, current, stages):
     """The values returned to the user."""
     values = {"path": desired.dest, "label": desired.label, "source": current.source.view(), "stages": stages}

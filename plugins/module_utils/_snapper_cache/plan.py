@@ -28,6 +28,7 @@ BASE_MODE = 0o700
 
 # --- the state each planner reads --------------------------------------------
 
+
 @dataclass
 class BackupState:
     cache: Cache
@@ -61,6 +62,7 @@ class RestoreState:
 
 
 # --- decisions ---------------------------------------------------------------
+
 
 def choose_versioning(desired, cache):
     """(versioning, warnings): what the cache is versioned with, or the refusal."""
@@ -117,6 +119,7 @@ def pick_snapshot(cache, wanted):
 
 # --- texts of the copies, as planned (done=False) and as carried out ----------
 
+
 def copy_text(stats, source, cache, done):
     if not stats.changes:
         return None
@@ -142,6 +145,7 @@ def restore_operations(snapshot, dest, stats, done, path="/"):
 
 
 # --- the planners ------------------------------------------------------------
+
 
 def _settings_text(keep):
     return " ".join("%s=%s" % item for item in sorted(config_settings(keep).items()))
@@ -283,6 +287,7 @@ def plan_restore(desired, state):
 
 
 # --- what the module returns -------------------------------------------------
+
 
 def diff_view(view):
     return {"exists": view["exists"], "snapshots": [snap["name"] for snap in view["snapshots"]],

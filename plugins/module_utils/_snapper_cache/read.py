@@ -43,6 +43,7 @@ CACHE_BUSY = ("%(path)s is locked by another run (%(holder)s); waited %(timeout)
 MIN_FREE_BYTES = 1 << 20
 MIN_FREE_INODES = 16
 
+
 def cache_lock(base_dir, timeout):
     """Serialises runs on one base directory (flock on the directory itself).
 
@@ -54,6 +55,7 @@ def cache_lock(base_dir, timeout):
 
 
 # --- checks of the state read: each refuses the run before anything changes ----
+
 
 def check_base_path(base_dir, must_exist=True):
     if not os.path.isabs(base_dir):

@@ -15,7 +15,7 @@ import pytest
 
 from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import apply as build
-from ansible_collections.liveclone.core.plugins.module_utils._live_iso import boot as boot
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import boot
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import desired as desired_
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import image as image_
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import plan as plan_

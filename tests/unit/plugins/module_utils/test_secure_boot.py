@@ -15,9 +15,9 @@ import subprocess
 import pytest
 from test_live_iso import ToolRunner, desired
 
-from ansible_collections.liveclone.core.plugins.module_utils._common import pe as pe
+from ansible_collections.liveclone.core.plugins.module_utils._common import pe
 from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
-from ansible_collections.liveclone.core.plugins.module_utils._live_iso import boot as boot
+from ansible_collections.liveclone.core.plugins.module_utils._live_iso import boot
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import image as image_
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import secure_boot as secure
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso.desired import IsoError

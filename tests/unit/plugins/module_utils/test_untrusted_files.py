@@ -18,7 +18,7 @@ import pytest
 from test_live_iso import Recorder, desired
 from test_secure_boot import SHIM_SBAT, make_pe, make_tree
 
-from ansible_collections.liveclone.core.plugins.module_utils._common import pe as pe
+from ansible_collections.liveclone.core.plugins.module_utils._common import pe
 from ansible_collections.liveclone.core.plugins.module_utils._common import roottree as rt
 from ansible_collections.liveclone.core.plugins.module_utils._common.beneath import Tree
 from ansible_collections.liveclone.core.plugins.module_utils._live_iso import image as image_
