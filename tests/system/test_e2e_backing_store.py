@@ -22,11 +22,12 @@ the signed GRUB refuses it."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import pytest
@@ -202,9 +203,12 @@ def test_unsigned_kernel_refused_under_secure_boot(live_iso, sandbox):
     """The negative control: the same ISO, its kernel's signature taken away
     (the PE certificate table's entry zeroed, in place), under enforcing
     firmware. shim and the signed GRUB load (the menu shows); the kernel is refused."""
-    spec = importlib.util.spec_from_file_location("pe", os.path.join(REPO, "plugins/module_utils/_common/pe.py"))
-    pe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pe)
+    # The collection's own PE reader, imported from the staged collection as its package (it imports
+    # its package's error base): REPO is <root>/ansible_collections/liveclone/core.
+    collections_root = os.path.dirname(os.path.dirname(os.path.dirname(REPO)))
+    if collections_root not in sys.path:
+        sys.path.insert(0, collections_root)
+    pe = importlib.import_module("ansible_collections.liveclone.core.plugins.module_utils._common.pe")
     work = os.path.join(sandbox, "unsigned-kernel")
     os.makedirs(work)
     iso = os.path.join(work, "unsigned.iso")
